@@ -1,0 +1,167 @@
+"""Capture: turn an nn.Module into a torch.fx GraphModule with shapes in ``node.meta``.
+
+The canonical form is what ``torch.fx.symbolic_trace`` gives (``call_module`` nodes
+with module names kept). Models that symbolic tracing cannot take are captured with
+``torch.export`` and unlifted, which gives ATen-level ``call_function`` nodes with
+``get_attr`` weights. The op views in :mod:`hant.graphs.ops` understand both forms.
+"""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from hant.errors import InputError, TraceError
+
+__all__ = ["trace", "propagate_shapes", "as_input_tuple", "TRACE_METHODS"]
+
+TRACE_METHODS = ("auto", "symbolic", "export")
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """Normalise example inputs: a lone tensor becomes a 1-tuple, lists become tuples."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(
+        f"example inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
+        "pass e.g. torch.randn(1, 3, 224, 224)"
+    )
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """A tracer that also keeps the given module types or qualified names as leaves."""
+
+    def __init__(self, leaf_modules: Iterable[type | str]):
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__)
+)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and hant, as 'file:line: code', or ''."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        name = os.path.abspath(frame.filename)
+        if frame.filename.startswith("<") or name.startswith(_LIBRARY_DIRS):
+            continue
+        code = frame.line or linecache.getline(frame.filename, frame.lineno).strip()
+        return f"{frame.filename}:{frame.lineno}: {code}"
+    return ""
+
+
+def _symbolic(model: torch.nn.Module, leaf_modules, concrete_args) -> torch.fx.GraphModule:
+    tracer = _LeafTracer(leaf_modules)
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _export(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    program = torch.export.export(model, inputs, strict=False)
+    return program.module()
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphModule:
+    """Fill ``node.meta["tensor_meta"]`` of every node by running ``gm`` on the inputs.
+
+    Runs under ``torch.no_grad``; raises :class:`InputError` when the inputs do not run.
+    Returns ``gm`` for chaining.
+    """
+    inputs = as_input_tuple(example_inputs)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # the model's own error, wrapped
+        raise InputError(f"the example inputs do not run through the graph: {exc}") from exc
+    return gm
+
+
+def _check_runs(model: torch.nn.Module, inputs: tuple) -> None:
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
+        raise InputError(
+            f"the model does not run on example inputs of shape {shapes}: {type(exc).__name__}: {exc}. "
+            "Give inputs the model accepts (check channels and spatial size)."
+        ) from exc
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    method: str = "auto",
+) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule with ``tensor_meta`` on every node.
+
+    The model is deep-copied first: the caller's module, parameters and buffers are never
+    touched. ``method="auto"`` tries ``torch.fx.symbolic_trace`` and falls back to
+    ``torch.export`` (unlifted with ``.module()``); ``"symbolic"`` and ``"export"`` force one.
+    ``leaf_modules`` (types or qualified names) and ``concrete_args`` go to the symbolic tracer.
+
+    ``gm.meta["hant_trace_method"]`` records the method that succeeded.
+
+    Raises :class:`InputError` when the inputs do not run through the model, and
+    :class:`TraceError`, naming the failing source line, when neither method can capture it.
+    """
+    if method not in TRACE_METHODS:
+        raise TraceError(f"unknown trace method {method!r}; use one of {', '.join(TRACE_METHODS)}")
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    model = copy.deepcopy(model)
+
+    failures: list[tuple[str, BaseException]] = []
+    if method in ("auto", "symbolic"):
+        try:
+            gm = _symbolic(model, leaf_modules, concrete_args)
+            propagate_shapes(gm, inputs)
+            gm.meta["hant_trace_method"] = "symbolic"
+            return gm
+        except Exception as exc:
+            failures.append(("symbolic_trace", exc))
+    _check_runs(model, inputs)  # bad inputs are the user's, not the tracer's, problem
+    if method in ("auto", "export"):
+        try:
+            gm = _export(model, inputs)
+            propagate_shapes(gm, inputs)
+            gm.meta["hant_trace_method"] = "export"
+            return gm
+        except Exception as exc:
+            failures.append(("torch.export", exc))
+
+    lines = []
+    for how, exc in failures:
+        cause = exc.__cause__ if isinstance(exc, InputError) and exc.__cause__ else exc
+        where = _user_frame(cause)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        lines.append(f"  {how} failed{(' at ' + where) if where else ''}: {type(cause).__name__}: {first}")
+    raise TraceError(
+        f"could not capture {type(model).__name__}:\n" + "\n".join(lines) + "\n"
+        "Fix: mark the module that holds data-dependent control flow as a leaf "
+        "(trace(..., leaf_modules=[TheModule or 'path.to.module'])), or fix the branching inputs "
+        "with concrete_args={'flag': value}."
+    )
