@@ -1,0 +1,170 @@
+"""Cost, CostReport, the CostModel protocol and the spec registry.
+
+A cost model is any object with ``name``, ``node_cost(node) -> Cost`` and
+``graph_cost(gm) -> CostReport``. Built-in and user models are found by spec string
+through :func:`get`: the part before the first ``:`` picks the factory, the rest is its
+argument (``"flops"``, ``"roofline:cpu"``, ``"measured:cpu-onnxruntime"``, ``"learned:p.pt"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Protocol, runtime_checkable
+
+from torch.fx import GraphModule, Node
+
+from hant.errors import CostModelError
+from hant.graphs.ops import op_kind, output_shape
+
+__all__ = ["Cost", "CostRow", "CostReport", "CostModel", "NodeSumCostModel", "register", "get", "available",
+           "COMPUTE_SKIP_KINDS"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The price of one op or graph. ``latency_s`` is seconds; counts are per inference."""
+    latency_s: float = 0.0
+    macs: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    params: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        """MACs per byte moved (0 when nothing moves)."""
+        return self.macs / self.bytes if self.bytes else 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.latency_s + other.latency_s, self.macs + other.macs, self.bytes_read + other.bytes_read,
+                    self.bytes_written + other.bytes_written, self.params + other.params)
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """One node's line in a report."""
+    node: str
+    kind: str                       # op_kind of the node
+    target: str                     # readable op name, e.g. "Conv2d" or "aten.conv2d"
+    input_shapes: tuple
+    output_shape: tuple | None
+    cost: Cost
+
+
+@dataclass
+class CostReport:
+    """Per-node rows plus a total. ``total`` is the sum of rows unless the model measured
+    the graph whole (then ``total.latency_s`` is the whole-graph figure and
+    ``rows_latency_s`` keeps the per-node sum, so the fusion effect can be seen)."""
+    model: str
+    rows: list[CostRow] = field(default_factory=list)
+    total: Cost = field(default_factory=Cost)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float:
+        return self.total.latency_s
+
+    @property
+    def rows_latency_s(self) -> float:
+        return sum(r.cost.latency_s for r in self.rows)
+
+    @classmethod
+    def from_rows(cls, model: str, rows: Iterable[CostRow], notes: Iterable[str] = ()) -> "CostReport":
+        rows = list(rows)
+        total = Cost()
+        for r in rows:
+            total = total + r.cost
+        return cls(model, rows, total, list(notes))
+
+    def with_total_latency(self, latency_s: float) -> "CostReport":
+        """A copy whose total latency is a whole-graph measurement."""
+        return CostReport(self.model, list(self.rows), replace(self.total, latency_s=latency_s), list(self.notes))
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    name: str
+
+    def node_cost(self, node: Node) -> Cost: ...
+
+    def graph_cost(self, gm: GraphModule) -> CostReport: ...
+
+
+# Nodes that are bookkeeping, not work: they get no row in a report.
+COMPUTE_SKIP_KINDS = frozenset({"placeholder", "output", "get_attr"})
+
+
+def _target_name(node: Node) -> str:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    if hasattr(target, "_overloadpacket"):
+        return f"aten.{target._overloadpacket.__name__}"
+    return name
+
+
+def _input_shapes(node: Node) -> tuple:
+    return tuple(tuple(output_shape(a)) for a in node.all_input_nodes
+                 if a.op != "get_attr" and output_shape(a) is not None)
+
+
+class NodeSumCostModel:
+    """Base for models whose graph cost is the sum of per-node costs.
+
+    Subclasses set ``name`` and implement ``node_cost``. Nodes must carry ``tensor_meta``
+    (``hant.trace`` and the PassManager see to that).
+    """
+    name = "abstract"
+
+    def node_cost(self, node: Node) -> Cost:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def row(self, node: Node) -> CostRow:
+        shape = output_shape(node)
+        return CostRow(node.name, op_kind(node), _target_name(node), _input_shapes(node),
+                       tuple(shape) if shape is not None else None, self.node_cost(node))
+
+    def graph_cost(self, gm: GraphModule) -> CostReport:
+        rows = [self.row(n) for n in gm.graph.nodes if n.op not in COMPUTE_SKIP_KINDS]
+        return CostReport.from_rows(self.name, rows)
+
+
+_FACTORIES: dict[str, tuple[Callable[[str | None], CostModel], str]] = {}
+
+
+def register(prefix: str, factory: Callable[[str | None], CostModel], help: str = "") -> None:
+    """Make ``factory(argument)`` answer specs ``prefix`` and ``prefix:argument``.
+
+    ``help`` is a one-line description shown in error messages and ``available()``.
+    Registering a prefix again replaces the earlier factory.
+    """
+    _FACTORIES[prefix] = (factory, help)
+
+
+def available() -> dict[str, str]:
+    """Registered spec prefixes and their help lines."""
+    return {k: v[1] for k, v in sorted(_FACTORIES.items())}
+
+
+def get(spec: str | CostModel) -> CostModel:
+    """The cost model a spec names (an object with the protocol's methods passes through).
+
+    Raises :class:`CostModelError`, listing the known specs, when the prefix is unknown;
+    factories raise it themselves for a bad argument.
+    """
+    if not isinstance(spec, str):
+        if hasattr(spec, "node_cost") and hasattr(spec, "graph_cost"):
+            return spec
+        raise CostModelError(f"a cost model must be a spec string or have node_cost/graph_cost, got {spec!r}")
+    prefix, _, argument = spec.partition(":")
+    if prefix not in _FACTORIES:
+        known = "; ".join(f"{k} ({h})" if h else k for k, h in available().items())
+        raise CostModelError(f"unknown cost model {spec!r}; known: {known}")
+    return _FACTORIES[prefix][0](argument or None)
