@@ -6,5 +6,8 @@ from hant.graphs.ops import (
     layernorm_of, linear_of, matmul_of, module_of, mul_of, op_kind, output_dtype, output_shape, pool_of, tensor_meta,
 )
 from hant.graphs.trace import as_input_tuple, propagate_shapes, trace
+from hant.graphs.networkx_view import module_path, readable_target, to_networkx
+from hant.graphs.regions import Region, natural_regions, region_between, sese_regions
+from hant.graphs.draw import draw, share_colour, to_dot
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -35,7 +35,8 @@ __all__ = [
     "ConvView", "LinearView", "BatchNormView", "ActivationView", "BinaryView", "PoolView",
     "NormView", "MatmulView", "AttentionView",
     "conv_of", "linear_of", "batchnorm_of", "activation_of", "add_of", "mul_of", "pool_of",
-    "layernorm_of", "matmul_of", "attention_of", "is_identity_like", "is_shape_op", "op_kind",
+    "layernorm_of", "matmul_of", "einsum_of", "EinsumView", "attention_of", "is_identity_like", "is_shape_op",
+    "is_inplace", "is_input_guard", "op_kind",
     "module_of", "constant_of", "tensor_meta", "output_shape", "output_dtype", "ACTIVATION_KINDS",
 ]
 
@@ -98,9 +99,24 @@ def _normalized(node: Node) -> dict[str, Any] | None:
     """Arguments of a ``call_function`` node as keyword arguments of its signature."""
     try:
         pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
-    except Exception:
-        return None
+    except Exception:  # overloaded builtins (torch.conv2d: int or str padding) need argument types
+        try:
+            pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
+                                      arg_types=tuple(_schema_type(a) for a in node.args),
+                                      kwarg_types={k: _schema_type(v) for k, v in node.kwargs.items()},
+                                      normalize_to_only_use_kwargs=True)
+        except Exception:
+            return None
     return dict(pair.kwargs) if pair is not None else None
+
+
+def _schema_type(value: Any) -> Any:
+    """The schema type a call argument matches, for telling overloads apart."""
+    if isinstance(value, (Node, torch.Tensor)):
+        return torch.Tensor
+    if isinstance(value, (list, tuple)):
+        return list[int] if all(isinstance(v, int) for v in value) else type(value)
+    return type(value)
 
 
 def _tuple_output(node: Node) -> Node | None:
@@ -250,7 +266,37 @@ def linear_of(node: Node) -> LinearView | None:
         bias_arg = kw.get("bias")
         bias = constant_of(bias_arg) if isinstance(bias_arg, Node) else bias_arg
         return LinearView(node, node, kw["input"], weight, bias, weight_shape, bias_arg is not None)
+    if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
+        return _decomposed_linear(node)
     return None
+
+
+def _transposed_constant(arg: Any) -> Node | None:
+    """``W`` when ``arg`` is ``permute(W, [1, 0])`` or ``t(W)`` of a constant 2-D ``W``, else None."""
+    if not isinstance(arg, Node) or arg.op != "call_function":
+        return None
+    if arg.target is aten.t.default or (arg.target is aten.permute.default and list(arg.args[1]) == [1, 0]):
+        weight = arg.args[0]
+        tensor = constant_of(weight)
+        return weight if tensor is not None and tensor.dim() == 2 else None
+    return None
+
+
+def _decomposed_linear(node: Node) -> LinearView | None:
+    """Core ATen's linear: ``addmm(b, x, permute(W, [1, 0]))`` or ``mm(x, t(W))`` with constant ``W``."""
+    has_bias = node.target is aten.addmm.default
+    args = list(node.args) + [None] * 3
+    bias_arg, x, rhs = (args[0], args[1], args[2]) if has_bias else (None, args[0], args[1])
+    if has_bias and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        return None
+    weight_node = _transposed_constant(rhs)
+    if weight_node is None:
+        return None
+    weight = constant_of(weight_node)
+    bias = constant_of(bias_arg) if isinstance(bias_arg, Node) else bias_arg
+    if has_bias and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
+        return None
+    return LinearView(node, node, x, weight, bias, weight.shape, has_bias)
 
 
 # ---------------------------------------------------------------- batch norm
@@ -526,6 +572,8 @@ def pool_of(node: Node) -> PoolView | None:
             _tuple(getattr(m, "dilation", 1), n), bool(m.ceil_mode), bool(getattr(m, "count_include_pad", True)),
             getattr(m, "divisor_override", None), module=m,
         )
+    if node.op == "call_function" and node.target is aten.mean.dim:
+        return _global_mean_pool(node)
     if node.op != "call_function" or node.target not in _POOL_FUNCTIONS:
         return None
     kind, n = _POOL_FUNCTIONS[node.target]
@@ -546,6 +594,19 @@ def pool_of(node: Node) -> PoolView | None:
         _tuple(kw.get("dilation", 1), n), bool(kw.get("ceil_mode", False)),
         bool(kw.get("count_include_pad", True)), kw.get("divisor_override"),
     )
+
+
+def _global_mean_pool(node: Node) -> PoolView | None:
+    """Core ATen's global average pool: ``mean.dim(x, [-1, -2], keepdim=True)`` over all spatial dims."""
+    kw = _normalized(node)
+    shape = output_shape(kw.get("input", kw.get("self"))) if kw else None
+    if shape is None or not kw.get("keepdim", False) or kw.get("dtype") is not None:
+        return None
+    rank, dims = len(shape), kw.get("dim") or ()
+    n = rank - 2
+    if not 1 <= n <= 3 or sorted(d % rank for d in dims) != list(range(2, rank)):
+        return None
+    return PoolView(node, node, kw.get("input", kw.get("self")), "adaptive_avg", n, output_size=(1,) * n)
 
 
 # ---------------------------------------------------------------- normalisation other than batch norm
@@ -623,12 +684,43 @@ def matmul_of(node: Node) -> MatmulView | None:
 
 
 @dataclass(frozen=True)
+class EinsumView:
+    """``torch.einsum(equation, *operands)``: ``equation`` as written (spaces kept), operands in order
+    (Nodes, or constant tensors)."""
+    node: Node
+    output: Node
+    equation: str
+    operands: tuple
+
+
+_EINSUM_FUNCTIONS = {torch.einsum, torch.functional.einsum, aten.einsum.default}
+
+
+def einsum_of(node: Node) -> EinsumView | None:
+    """Describe an Einstein-summation contraction (equation form, not sublist form), or None."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _EINSUM_FUNCTIONS:
+        return None
+    args = list(node.args)
+    equation = args[0] if args else node.kwargs.get("equation")
+    if not isinstance(equation, str):
+        return None
+    operands = args[1:] if len(args) > 1 else list(node.kwargs.get("tensors", node.kwargs.get("operands", ())))
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):  # einsum(eq, [a, b]) and the ATen form
+        operands = list(operands[0])
+    return EinsumView(node, node, equation, tuple(operands))
+
+
+@dataclass(frozen=True)
 class AttentionView:
     """Scaled dot-product attention, or a whole ``nn.MultiheadAttention`` layer.
 
     For a multi-head layer (``module`` set), ``embed_dim``/``num_heads``/``kdim``/``vdim``
     describe its projections and ``query``/``key``/``value`` are its three inputs.
     For a bare SDPA call, ``query``/``key``/``value`` are (..., L, E) tensors.
+    With ``window_size`` set, it is torchvision's ``shifted_window_attention`` (Swin, a function
+    that symbolic tracing keeps whole): self-attention of a (B, H, W, C) input (``query`` =
+    ``key`` = ``value``) within windows of that size after padding, with a C -> 3C input and a
+    C -> C output projection (``embed_dim`` = C).
     """
     node: Node
     output: Node
@@ -641,9 +733,17 @@ class AttentionView:
     vdim: int | None = None
     batch_first: bool = False
     module: nn.Module | None = None
+    window_size: tuple[int, ...] | None = None
 
 
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_WINDOW_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads")
+
+
+def _is_torchvision_window_attention(node: Node) -> bool:
+    target = node.target
+    return (getattr(target, "__name__", "") == "shifted_window_attention"
+            and "torchvision" in getattr(target, "__module__", ""))
 
 
 def attention_of(node: Node) -> AttentionView | None:
@@ -665,6 +765,14 @@ def attention_of(node: Node) -> AttentionView | None:
         key = kw.get("key", node.args[1] if len(node.args) > 1 else None)
         value = kw.get("value", node.args[2] if len(node.args) > 2 else None)
         return AttentionView(node, node, query, key, value)
+    if node.op == "call_function" and _is_torchvision_window_attention(node):
+        kw = {**dict(zip(_WINDOW_ATTENTION_ARGS, node.args)), **node.kwargs}
+        shape = output_shape(kw.get("input"))
+        if shape is None or "window_size" not in kw or "num_heads" not in kw:
+            return None
+        x, channels = kw["input"], int(shape[-1])
+        return AttentionView(node, node, x, x, x, channels, int(kw["num_heads"]), channels, channels, True,
+                             window_size=tuple(int(w) for w in kw["window_size"]))
     return None
 
 
@@ -737,6 +845,37 @@ def is_shape_op(node: Node) -> bool:
         return True
     packet = getattr(node.target, "_overloadpacket", None)
     return packet is not None and getattr(packet, "__name__", "") in _SHAPE_ATEN
+
+
+def is_input_guard(node: Node) -> bool:
+    """True for the input-guard call (``_guards_fn``) that ``torch.export``'s ``.module()`` puts first:
+    it checks the inputs against the exported shapes, returns nothing, and belongs to no layer."""
+    m = module_of(node)
+    return m is not None and type(m).__name__ == "GuardsFn" and type(m).__module__.startswith("torch.export")
+
+
+def is_inplace(node: Node) -> bool:
+    """True when the node writes into one of its inputs (``relu_``, ``x.add_(y)``, ``inplace=True`` layers,
+    mutable ATen overloads). Rewrites that would make two values share storage must not cross such a node."""
+    if not isinstance(node, Node):
+        return False
+    for view in (activation_of, add_of, mul_of):
+        described = view(node)
+        if described is not None and described.inplace:
+            return True
+    m = module_of(node)
+    if m is not None:
+        return bool(getattr(m, "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    return bool(node.kwargs.get("inplace", False))
 
 
 # ---------------------------------------------------------------- classification

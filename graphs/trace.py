@@ -9,6 +9,7 @@ with module names kept). Models that symbolic tracing cannot take are captured w
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import os
 import traceback
@@ -71,8 +72,29 @@ def _user_frame(exc: BaseException) -> str:
 def _symbolic(model: torch.nn.Module, leaf_modules, concrete_args) -> torch.fx.GraphModule:
     tracer = _LeafTracer(leaf_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
+    if concrete_args:
+        _default_concrete_args(model, graph, concrete_args)
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _default_concrete_args(model: torch.nn.Module, graph: torch.fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """Make each fixed argument's placeholder default to its fixed value.
+
+    fx keeps a placeholder for an argument given in ``concrete_args``, with the signature's
+    default, and asserts at run time that the caller passes the fixed value. Defaulting the
+    placeholder to that value lets the traced module be called with the remaining inputs
+    only, while passing another value still fails the assert.
+    """
+    parameters = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(parameters) != len(placeholders):
+        return  # *args / **kwargs: fx names placeholders its own way; leave them as traced
+    for parameter, node in zip(parameters, placeholders):
+        value = concrete_args.get(parameter.name, torch.fx.PH)
+        if value is not torch.fx.PH and not isinstance(value, torch.Tensor):
+            node.args = (value,)
 
 
 def _export(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:

@@ -1,0 +1,230 @@
+"""The ``flops`` cost model: MACs, parameters and bytes moved, per node.
+
+Counting rules (one multiply-accumulate = one MAC = two FLOPs, as
+``torch.utils.flop_counter`` counts them; bias additions are not MACs, as there):
+
+* convolution (1d/2d/3d, grouped, depthwise, transposed):
+  ``numel(output) * prod(weight.shape[1:])``, or ``numel(input) * prod(weight.shape[1:])``
+  when transposed (each input element is scattered through the kernel);
+* linear: ``numel(output) * in_features``;
+* matmul / bmm / mm: ``numel(output) * K`` with K the contracted size;
+* einsum: for each pairwise contraction, left to right, the product of the sizes of every
+  index the pair involves;
+* scaled dot-product attention: ``QK^T`` plus ``AV``, ``batch * L * S * (E + Ev)``;
+* ``nn.MultiheadAttention`` as one node (the symbolic-trace form): the q, k and v input
+  projections, ``QK^T``, ``AV`` and the output projection; torchvision's Swin
+  ``shifted_window_attention`` likewise, over the padded windows;
+* everything else (norms, activations, elementwise, pooling, softmax, cat, ...): 0 MACs.
+
+``params`` are the parameters the op owns: a ``call_module`` node owns its module's
+parameters; a functional or ATen node owns the ``nn.Parameter`` constants (``get_attr``
+inputs) it is the first user of, so a shared constant is counted once. A module called
+twice counts its parameters at each call.
+
+``bytes_read`` are the activation inputs plus the weights and floating-point buffers
+(BatchNorm running statistics) the op reads, each at its dtype's size; ``bytes_written``
+are the op's tensor outputs. Views and no-op copies (``is_shape_op``, ``is_identity_like``)
+move no data and cost nothing, nor do nodes that produce no tensor (guards, asserts,
+Python arithmetic on sizes), except that they still own the parameters they read (a
+class token that is only ``expand``-ed). ``latency_s`` is always 0: this model counts,
+it does not time.
+
+Graphs are read only through the op views of :mod:`hant.graphs.ops`, so the traced
+(``call_module``) and exported (ATen) forms of a network get the same counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.fx import Node
+
+from hant.cost_models.base import Cost, NodeSumCostModel
+from hant.graphs.ops import (
+    attention_of, constant_of, conv_of, einsum_of, is_identity_like, is_shape_op, linear_of, matmul_of, module_of,
+    output_shape, tensor_meta,
+)
+
+__all__ = ["FlopsModel", "node_macs", "tensor_bytes"]
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape) if shape is not None else 0
+
+
+def _metas(value) -> list:
+    """The TensorMetadata entries of a node's ``tensor_meta`` (one, or several for tuple outputs)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) and not hasattr(value, "shape"):
+        return [m for item in value for m in _metas(item)]
+    return [value] if hasattr(value, "shape") and hasattr(value, "dtype") else []
+
+
+def tensor_bytes(node: Node) -> int:
+    """Bytes of every tensor the node produces, from shape propagation (0 when unknown)."""
+    return sum(_numel(m.shape) * m.dtype.itemsize for m in _metas(tensor_meta(node)))
+
+
+def _conv_macs(node: Node) -> int | None:
+    view = conv_of(node)
+    if view is None:
+        return None
+    per_element = _numel(view.weight_shape[1:])
+    spread = output_shape(view.input) if view.transposed else output_shape(view.output)
+    return _numel(spread) * per_element
+
+
+def _linear_macs(node: Node) -> int | None:
+    view = linear_of(node)
+    if view is None:
+        return None
+    return _numel(output_shape(view.output)) * int(view.in_features)
+
+
+def _matmul_macs(node: Node) -> int | None:
+    view = matmul_of(node)
+    if view is None:
+        return None
+    lhs = output_shape(view.lhs)
+    if lhs is None or len(lhs) == 0:
+        return 0
+    return _numel(output_shape(view.output)) * int(lhs[-1])
+
+
+def _attention_macs(node: Node) -> int | None:
+    view = attention_of(node)
+    if view is None:
+        return None
+    q, k, v = (output_shape(a) for a in (view.query, view.key, view.value))
+    if q is None or k is None or v is None:
+        return 0
+    if view.window_size is not None:  # Swin window attention on (B, H, W, C), padded to whole windows
+        windows_h, windows_w = (math.ceil(int(size) / w) * w for size, w in zip(q[1:3], view.window_size))
+        tokens = int(q[0]) * windows_h * windows_w
+        per_window = math.prod(view.window_size)
+        embed = int(view.embed_dim)
+        return tokens * embed * 3 * embed + 2 * tokens * per_window * embed + tokens * embed * embed
+    if view.module is None:  # scaled_dot_product_attention on (..., L, E), (..., S, E), (..., S, Ev)
+        batch_l = _numel(q[:-1])
+        source = int(k[-2])
+        return batch_l * source * int(q[-1]) + batch_l * source * int(v[-1])
+    m: nn.MultiheadAttention = view.module
+    embed = int(view.embed_dim)
+    if len(q) == 2:                               # unbatched (L, E)
+        batch, target, source = 1, int(q[0]), int(k[0])
+    elif view.batch_first:                        # (N, L, E)
+        batch, target, source = int(q[0]), int(q[1]), int(k[1])
+    else:                                         # (L, N, E)
+        batch, target, source = int(q[1]), int(q[0]), int(k[0])
+    in_proj = batch * (target * embed + source * int(view.kdim) + source * int(view.vdim)) * embed
+    source += int(m.bias_k is not None) + int(m.add_zero_attn)
+    scores_and_mix = 2 * batch * target * source * embed  # QK^T and AV over all heads
+    out_proj = batch * target * embed * embed
+    return in_proj + scores_and_mix + out_proj
+
+
+def _einsum_terms(equation: str, shapes: list) -> tuple[list[str], str, dict[str, int]]:
+    """Operand index strings, output index string and each index's size; ``...`` becomes one
+    private index per broadcast dimension, aligned from the right as broadcasting aligns them."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    ellipsis_dims = max((len(shape) - (len(term) - 3) for term, shape in zip(terms, shapes) if "..." in term),
+                        default=0)
+    private = "".join(chr(0x100 + i) for i in range(ellipsis_dims))
+
+    def expand(term: str, ndim: int | None) -> str:
+        if "..." not in term:
+            return term
+        width = ellipsis_dims if ndim is None else ndim - (len(term) - 3)
+        return term.replace("...", private[ellipsis_dims - width:])
+
+    terms = [expand(term, len(shape)) for term, shape in zip(terms, shapes)]
+    if arrow:
+        output = expand(output, None)
+    else:  # implicit output: broadcast dims, then the indices that occur once, alphabetically
+        letters = "".join(terms)
+        output = private + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in private))
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes):
+        for index, size in zip(term, shape):
+            sizes[index] = max(sizes.get(index, 1), int(size))
+    return terms, output, sizes
+
+
+def _einsum_macs(node: Node) -> int | None:
+    """MACs of the pairwise contractions, left to right (``torch.einsum``'s order without
+    opt_einsum), each costing the product of the sizes of all indices it involves; 0 for one operand."""
+    view = einsum_of(node)
+    if view is None:
+        return None
+    shapes = [output_shape(op) if isinstance(op, Node) else getattr(op, "shape", None) for op in view.operands]
+    if len(shapes) < 2 or any(shape is None for shape in shapes):
+        return 0
+    terms, output, sizes = _einsum_terms(view.equation, shapes)
+    macs, current = 0, terms[0]
+    for position, term in enumerate(terms[1:], start=2):
+        involved = set(current) | set(term)
+        macs += math.prod(sizes[i] for i in involved)
+        needed = set(output).union(*terms[position:])
+        current = "".join(i for i in involved if i in needed)
+    return macs
+
+
+def node_macs(node: Node) -> int:
+    """Multiply-accumulates of one node (0 for ops that only move or combine data)."""
+    for count in (_conv_macs, _linear_macs, _matmul_macs, _einsum_macs, _attention_macs):
+        macs = count(node)
+        if macs is not None:
+            return int(macs)
+    return 0
+
+
+def _weights(node: Node) -> tuple[int, int]:
+    """(parameters the node owns, bytes of the weights and buffers it reads)."""
+    m = module_of(node)
+    if m is not None:
+        params = list(m.parameters())
+        buffers = [b for b in m.buffers() if b.is_floating_point()]  # not BatchNorm's step counter
+        return sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in params + buffers)
+    owned = read = 0
+    for arg in node.all_input_nodes:
+        value = constant_of(arg)
+        if value is None:
+            continue
+        read += value.numel() * value.element_size()
+        if isinstance(value, nn.Parameter) and next(iter(arg.users)) is node:
+            owned += value.numel()
+    return owned, read
+
+
+def _activation_bytes(node: Node) -> int:
+    return sum(tensor_bytes(arg) for arg in node.all_input_nodes if arg.op != "get_attr")
+
+
+class FlopsModel(NodeSumCostModel):
+    """MACs, params and bytes per node; latency 0. Spec ``"flops"``.
+
+    ``graph_cost(gm)`` needs ``node.meta["tensor_meta"]`` on every node (``hant.trace``
+    fills it). ``report.total.macs`` is the network's MAC count: multiply by 2 for the
+    FLOPs that ``torch.utils.flop_counter.FlopCounterMode`` reports.
+    """
+    name = "flops"
+
+    def node_cost(self, node: Node) -> Cost:
+        if node.op in ("placeholder", "output", "get_attr"):
+            return Cost()
+        params, weight_bytes = _weights(node)
+        if is_shape_op(node) or is_identity_like(node) or not _metas(tensor_meta(node)):
+            return Cost(params=params)
+        return Cost(
+            latency_s=0.0,
+            macs=node_macs(node),
+            bytes_read=_activation_bytes(node) + weight_bytes,
+            bytes_written=tensor_bytes(node),
+            params=params,
+        )
+

@@ -1,0 +1,277 @@
+"""Training and evaluating the learned predictors.
+
+* :func:`train` fits a ``"gnn"`` or ``"perop"`` predictor to featurised graphs and latencies
+  (seconds) on log latency;
+* :func:`fit_db` trains from the networks of a latency store (``hant profile``): each stored
+  spec is built with :func:`hant.cost_models.netspace.build`, traced and featurised;
+* :func:`fit_table` trains from any table of (architecture, latency) rows, one device
+  column, with a network-family builder (``"nb201"``) turning architecture strings into
+  graphs;
+* :func:`metrics` gives the measures the literature uses: RMSE, MAPE, the share within
+  ±10 %, Kendall tau and Spearman rho.
+
+Both fitters hold out rows they never train on and report the metrics on them.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau, spearmanr
+
+from hant.cost_models.learned.features import GraphFeatures, featurize
+from hant.cost_models.learned.perop import FUSION_PROFILES
+from hant.cost_models.learned.predictor import MODEL_KINDS, Predictor
+from hant.errors import CostModelError
+
+__all__ = ["DEFAULT_CONFIG", "FitResult", "Table", "read_table", "metrics", "format_metrics", "train", "fit_db",
+           "fit_table", "get_builder", "BUILDERS"]
+
+DEFAULT_CONFIG = {
+    "gnn": {"hidden": 32, "layers": 3, "steps": 400, "lr": 1e-2, "weight_decay": 1e-4, "batch_graphs": 128},
+    "perop": {"hidden": 64, "fusion": "fused", "steps": 400, "lr": 1e-2, "weight_decay": 1e-4,
+              "batch_graphs": 128},
+}
+
+
+@dataclass
+class FitResult:
+    """A trained predictor, its held-out metrics and how long fitting took."""
+    predictor: Predictor
+    metrics: dict
+    fit_seconds: float
+    train_rows: list[int] = field(default_factory=list)
+    test_rows: list[int] = field(default_factory=list)
+
+
+def metrics(predicted_s: np.ndarray, measured_s: np.ndarray) -> dict:
+    """RMSE (ms), MAPE (%), share within ±10 % (%), Kendall tau and Spearman rho."""
+    p, m = np.asarray(predicted_s, dtype=float), np.asarray(measured_s, dtype=float)
+    if len(p) < 2:
+        raise CostModelError("metrics need at least two held-out rows; lower train_size or holdout")
+    rel = np.abs(p - m) / m
+    return {
+        "n": int(len(m)),
+        "rmse_ms": float(np.sqrt(np.mean((p - m) ** 2)) * 1e3),
+        "mape_pct": float(np.mean(rel) * 100),
+        "within10_pct": float(np.mean(rel <= 0.10) * 100),
+        "kendall_tau": float(kendalltau(p, m)[0]),
+        "spearman_rho": float(spearmanr(p, m)[0]),
+    }
+
+
+def format_metrics(m: dict) -> str:
+    """One line for a terminal."""
+    return (f"held-out n={m['n']}: RMSE {m['rmse_ms']:.4g} ms, MAPE {m['mape_pct']:.2f}%, "
+            f"±10% {m['within10_pct']:.1f}%, Kendall tau {m['kendall_tau']:.4f}, Spearman rho {m['spearman_rho']:.4f}")
+
+
+# ------------------------------------------------------------------ training
+
+def _normalisation(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = rows.mean(axis=0)
+    std = rows.std(axis=0)
+    std[std < 1e-6] = 1.0
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+def train(kind: str, graphs: list[GraphFeatures], latency_s, *, config: dict | None = None, seed: int = 0,
+          metadata: dict | None = None) -> Predictor:
+    """Fit a predictor of ``kind`` to graphs and their latencies in seconds.
+
+    ``config`` overrides :data:`DEFAULT_CONFIG` (sizes, fusion profile, steps, lr, ...).
+    Full-batch Adam on the squared error of log latency with a cosine learning-rate decay;
+    deterministic for a given seed.
+    """
+    if kind not in MODEL_KINDS:
+        raise CostModelError(f"unknown learned model {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+    y = np.asarray(latency_s, dtype=np.float64)
+    if len(graphs) != len(y) or len(y) == 0:
+        raise CostModelError(f"need one latency per graph and at least one graph, got {len(graphs)} graphs "
+                             f"and {len(y)} latencies")
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        raise CostModelError("latencies must be positive and finite")
+    cfg = dict(DEFAULT_CONFIG[kind], **(config or {}))
+    if kind == "perop" and cfg["fusion"] not in FUSION_PROFILES:
+        raise CostModelError(f"unknown fusion profile {cfg['fusion']!r}; use one of {', '.join(FUSION_PROFILES)}")
+    torch.manual_seed(seed)
+    net = Predictor.build_net(kind, cfg)
+    probe = Predictor(kind, cfg, net, torch.zeros(1), torch.ones(1), 1.0)
+    rows = [probe.rows(g)[0] for g in graphs]
+    mean, std = _normalisation(np.concatenate(rows))
+    units = float(np.mean([len(r) for r in rows]))
+    scale = math.exp(float(np.mean(np.log(y)))) / units
+    predictor = Predictor(kind, cfg, net, mean, std, scale, metadata)
+    target = torch.from_numpy(np.log(y / scale)).float()
+    order = np.random.default_rng(seed).permutation(len(graphs))
+    size = int(cfg["batch_graphs"])
+    batches = [(predictor.inputs([graphs[i] for i in order[k:k + size]]), target[order[k:k + size]])
+               for k in range(0, len(graphs), size)]
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cfg["steps"]))
+    for step in range(int(cfg["steps"])):
+        batch, t = batches[step % len(batches)]
+        loss = torch.mean((torch.log(predictor.forward(batch).clamp_min(1e-9)) - t) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    predictor.metadata.setdefault("train_loss", float(loss.detach()))
+    return predictor
+
+
+# ------------------------------------------------------------------ tables
+
+@dataclass
+class Table:
+    """Rows of a latency table: architecture strings and one column of latencies (seconds)."""
+    architectures: list[str]
+    latency_s: np.ndarray
+    column: str
+    path: str
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")
+
+
+def read_table(path: str | os.PathLike, target_column: str, arch_column: str, unit_s: float = 1e-3) -> Table:
+    """Read (architecture, latency) rows of ``target_column`` from a CSV (optionally gzipped).
+
+    Latencies are in ``unit_s`` seconds per unit (milliseconds by default). Raises
+    :class:`CostModelError` for a missing file or column, or a row that is short or whose
+    latency is not a positive number.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CostModelError(f"no table at {path!r}")
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise CostModelError(f"{path!r} is empty; expected a header row")
+        for name in (arch_column, target_column):
+            if name not in header:
+                raise CostModelError(f"{path!r} has no column {name!r}; its columns are {', '.join(header)}")
+        a, t = header.index(arch_column), header.index(target_column)
+        archs, values = [], []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise CostModelError(f"{path!r} line {line}: {len(row)} fields, the header has {len(header)}")
+            try:
+                value = float(row[t])
+            except ValueError:
+                value = float("nan")
+            if not math.isfinite(value) or value <= 0:
+                raise CostModelError(f"{path!r} line {line}: latency {row[t]!r} in {target_column!r} is not a "
+                                     "positive number")
+            archs.append(row[a])
+            values.append(value * unit_s)
+    if not archs:
+        raise CostModelError(f"{path!r} has no data rows")
+    return Table(archs, np.asarray(values), target_column, path)
+
+
+def get_builder(name: str):
+    """The network family ``name`` names: an object with ``arch_column`` and ``featurize(arch)``."""
+    if name not in BUILDERS:
+        raise CostModelError(f"unknown builder {name!r}; known: {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[name]()
+
+
+def _nb201_family():
+    from hant.cost_models.learned.nb201 import family
+    return family()
+
+
+BUILDERS = {"nb201": _nb201_family}
+
+
+def fit_table(table_path: str | os.PathLike, target_column: str, builder: str = "nb201", train_size: int = 900,
+              seed: int = 0, out: str | os.PathLike | None = None, model: str = "gnn", config: dict | None = None,
+              unit_s: float = 1e-3, test_size: int | None = None, verbose: bool = False) -> FitResult:
+    """Train a predictor for one device column of a latency table and score it on the rest.
+
+    ``train_size`` rows (drawn with ``seed``) train; the other rows (or ``test_size`` of them,
+    drawn with the same seed) are held out and scored with :func:`metrics`. The builder turns
+    the table's architecture column into graphs. ``out`` saves the predictor file (usable as
+    ``learned:OUT``). Raises :class:`CostModelError` for a missing column, a malformed row, an
+    unknown builder or a train size that leaves fewer than two rows to score.
+    """
+    family = get_builder(builder)
+    table = read_table(table_path, target_column, family.arch_column, unit_s)
+    n = len(table.architectures)
+    if not 1 <= train_size <= n - 2:
+        raise CostModelError(f"train_size must be between 1 and {n - 2} for a table of {n} rows, got {train_size}")
+    order = np.random.default_rng(seed).permutation(n)
+    train_rows = sorted(order[:train_size].tolist())
+    test_rows = order[train_size:]
+    test_rows = sorted((test_rows[:test_size] if test_size else test_rows).tolist())
+    started = time.perf_counter()
+    graphs = [family.featurize(table.architectures[i]) for i in train_rows]
+    metadata = {"source": os.path.basename(os.fspath(table_path)), "target_column": target_column,
+                "builder": builder, "train_size": train_size, "seed": seed, "unit_s": unit_s}
+    predictor = train(model, graphs, table.latency_s[train_rows], config=config, seed=seed, metadata=metadata)
+    fit_seconds = time.perf_counter() - started
+    predicted = predictor.predict([family.featurize(table.architectures[i]) for i in test_rows])
+    result = metrics(predicted, table.latency_s[test_rows])
+    predictor.metadata.update(held_out=result, fit_seconds=fit_seconds)
+    if verbose:
+        print(f"{target_column}: {model} on {train_size} rows in {fit_seconds:.1f} s; {format_metrics(result)}")
+    if out is not None:
+        predictor.save(out)
+    return FitResult(predictor, result, fit_seconds, train_rows, test_rows)
+
+
+# ------------------------------------------------------------------ the latency store
+
+def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLike | None = None,
+           holdout: float = 0.2, seed: int = 0, runtime: str | None = None, device: str | None = None,
+           config: dict | None = None, verbose: bool = True) -> FitResult:
+    """Train on the networks of a latency store and score the held-out ``holdout`` share.
+
+    Each stored spec is built with :func:`hant.cost_models.netspace.build`, traced at its
+    stored input shape and featurised once. Prints the held-out RMSE, MAPE, ±10 % share and
+    Kendall tau when ``verbose``. Raises :class:`CostModelError` for a missing store or one
+    with fewer than 4 networks for the runtime/device asked.
+    """
+    from hant.cost_models.netspace import build
+    from hant.cost_models.store import LatencyStore
+    from hant.graphs import trace
+
+    if not os.path.isfile(os.fspath(db_path)):
+        raise CostModelError(f"no latency store at {os.fspath(db_path)!r}; make one with `hant profile --out PATH`")
+    if not 0 < holdout < 1:
+        raise CostModelError(f"holdout must be between 0 and 1, got {holdout}")
+    with LatencyStore(db_path) as store:
+        records = list(store.networks(runtime=runtime, device=device))
+    if len(records) < 4:
+        raise CostModelError(f"{os.fspath(db_path)!r} holds {len(records)} networks for runtime={runtime}, "
+                             f"device={device}; profile at least 4 (`hant profile --n ...`)")
+    started = time.perf_counter()
+    graphs = [featurize(trace(build(r.spec), torch.randn(*r.input_shape))) for r in records]
+    y = np.array([r.latency_s for r in records])
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_test = max(2, int(round(holdout * len(records))))
+    test_rows, train_rows = sorted(order[:n_test].tolist()), sorted(order[n_test:].tolist())
+    metadata = {"source": os.path.basename(os.fspath(db_path)), "runtime": runtime or records[0].runtime,
+                "device": device or records[0].device, "networks": len(records), "seed": seed}
+    predictor = train(model, [graphs[i] for i in train_rows], y[train_rows], config=config, seed=seed,
+                      metadata=metadata)
+    fit_seconds = time.perf_counter() - started
+    result = metrics(predictor.predict([graphs[i] for i in test_rows]), y[test_rows])
+    predictor.metadata.update(held_out=result, fit_seconds=fit_seconds)
+    if verbose:
+        print(f"{model} on {len(train_rows)} networks in {fit_seconds:.1f} s; {format_metrics(result)}")
+    if out is not None:
+        predictor.save(out)
+    return FitResult(predictor, result, fit_seconds, train_rows, test_rows)

@@ -1,0 +1,108 @@
+"""A per-op latency regressor over fused kernels (nn-Meter style), in plain PyTorch.
+
+Runtimes do not run graph nodes one by one: an inference runtime fuses a convolution with
+the batch norm and activation after it into one kernel. :func:`group_nodes` groups the
+nodes of a graph into the kernels a runtime would launch, by a fusion profile:
+
+* ``"fused"`` (ONNX Runtime, TFLite, TensorRT-like): conv/linear + following batch norm +
+  following activation form one kernel, and a lone batch norm takes a following activation;
+  a node joins only when it is the sole consumer of the one before and has no other input;
+* ``"eager"`` (PyTorch eager): every node is its own kernel.
+
+Each kernel is described by its first node's row, the counts of the op kinds it holds and
+its total MACs and bytes; an MLP maps that to a non-negative latency, and the graph's
+latency is the sum over kernels plus a learned constant overhead. Grouping follows the
+edges, not the row order, so predictions do not depend on how nodes are listed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hant.cost_models.learned.features import FEATURE_NAMES, KINDS, GraphFeatures
+
+__all__ = ["FUSION_PROFILES", "group_nodes", "group_features", "GROUP_FEATURE_DIM", "PerOpNet"]
+
+FUSION_PROFILES = ("fused", "eager")
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+GROUP_FEATURE_DIM = len(FEATURE_NAMES) + len(KINDS) + 3
+
+
+def group_nodes(graph: GraphFeatures, fusion: str) -> np.ndarray:
+    """Kernel id of every row: rows that share an id run as one kernel; the id is its first row."""
+    n = graph.num_nodes
+    group = np.arange(n)
+    if fusion == "eager":
+        return group
+    kinds = np.argmax(graph.x[:, :len(KINDS)], axis=1)
+    src, dst = graph.edges
+    consumers = np.bincount(src, minlength=n)
+    producers = np.bincount(dst, minlength=n)
+    only_consumer = np.full(n, -1)
+    only_consumer[src[consumers[src] == 1]] = dst[consumers[src] == 1]
+    conv, linear, bn, act = (KINDS.index(k) for k in ("conv", "linear", "batchnorm", "activation"))
+
+    def follow(row: int, kind: int) -> int:
+        nxt = only_consumer[row]
+        return nxt if nxt >= 0 and kinds[nxt] == kind and producers[nxt] == 1 else -1
+
+    for row in range(n):
+        if kinds[row] in (conv, linear):
+            last = row
+            nxt = follow(last, bn)
+            if nxt >= 0:
+                group[nxt] = row
+                last = nxt
+            nxt = follow(last, act)
+            if nxt >= 0:
+                group[nxt] = row
+        elif kinds[row] == bn and group[row] == row:
+            prev = src[dst == row]
+            if len(prev) == 1 and kinds[prev[0]] in (conv, linear) and follow(prev[0], bn) == row:
+                continue  # absorbed by its convolution
+            nxt = follow(row, act)
+            if nxt >= 0:
+                group[nxt] = row
+    return group
+
+
+def group_features(graph: GraphFeatures, fusion: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel rows (n_kernels, GROUP_FEATURE_DIM), first row of each kernel)."""
+    group = group_nodes(graph, fusion)
+    anchors, inverse = np.unique(group, return_inverse=True)
+    counts = np.zeros((len(anchors), len(KINDS)), dtype=np.float32)
+    np.add.at(counts, inverse, graph.x[:, :len(KINDS)])
+    macs = np.zeros(len(anchors))
+    nbytes = np.zeros(len(anchors))
+    np.add.at(macs, inverse, np.expm1(graph.x[:, _COL["log_macs"]].astype(np.float64)))
+    np.add.at(nbytes, inverse, np.expm1(graph.x[:, _COL["log_bytes"]].astype(np.float64)))
+    size = np.bincount(inverse).astype(np.float32)
+    rows = np.concatenate([graph.x[anchors], counts, np.log1p(macs)[:, None].astype(np.float32),
+                           np.log1p(nbytes)[:, None].astype(np.float32), size[:, None]], axis=1)
+    return rows, anchors
+
+
+class PerOpNet(nn.Module):
+    """Kernel-wise MLP: latency = sum of softplus(MLP(kernel row)) + softplus(overhead)."""
+
+    def __init__(self, in_dim: int = GROUP_FEATURE_DIM, hidden: int = 64):
+        super().__init__()
+        self.config = {"in_dim": in_dim, "hidden": hidden}
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+        self.overhead = nn.Parameter(torch.tensor(-3.0))
+
+    def kernel_shares(self, rows: torch.Tensor) -> torch.Tensor:
+        """Non-negative latency of each kernel, in units of the training scale."""
+        return F.softplus(self.mlp(rows)).squeeze(-1)
+
+    def constant(self) -> torch.Tensor:
+        """The per-graph overhead, in units of the training scale."""
+        return F.softplus(self.overhead)
+
+    def forward(self, rows: torch.Tensor, graph: torch.Tensor, num_graphs: int) -> torch.Tensor:
+        out = torch.zeros(num_graphs, dtype=rows.dtype).index_add_(0, graph, self.kernel_shares(rows))
+        return out + self.constant()

@@ -1,0 +1,210 @@
+"""Trained predictors: the saved file, batched prediction, and the ``learned:PATH`` cost model.
+
+A predictor file (``torch.save`` of plain tensors and lists, loaded with
+``weights_only=True``) holds:
+
+* ``kind``: ``"gnn"`` (:class:`~hant.cost_models.learned.gnn.GraphNet`) or ``"perop"``
+  (:class:`~hant.cost_models.learned.perop.PerOpNet`), and ``config``, the architecture
+  (sizes, fusion profile);
+* ``x_mean`` / ``x_std``: the normalisation of the input rows, and ``scale``: seconds per
+  unit of the network's output;
+* ``state_dict``: the weights; ``device``: the device vector of a transferred predictor;
+* ``metadata``: what it was trained on, how, and its held-out metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from hant.cost_models.base import CostReport, register
+from hant.cost_models.learned.features import FEATURE_NAMES, FEATURE_VERSION, GraphFeatures, batch_graphs, featurize
+from hant.cost_models.learned.gnn import GraphNet
+from hant.cost_models.learned.perop import FUSION_PROFILES, PerOpNet, group_features
+from hant.errors import CostModelError
+
+__all__ = ["Predictor", "LearnedCostModel", "load_predictor", "MODEL_KINDS"]
+
+MODEL_KINDS = ("gnn", "perop")
+_FORMAT = "hant-learned-predictor"
+
+
+class Predictor:
+    """A trained latency predictor over :class:`GraphFeatures` (see the module docstring).
+
+    Predictions are in seconds. ``device`` is the device vector the head sees (transfer
+    predictors only).
+    """
+
+    def __init__(self, kind: str, config: dict, net: torch.nn.Module, x_mean: torch.Tensor, x_std: torch.Tensor,
+                 scale: float, metadata: dict | None = None, device: torch.Tensor | None = None):
+        if kind not in MODEL_KINDS:
+            raise CostModelError(f"unknown learned model {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+        self.kind, self.config, self.net = kind, dict(config), net.eval()
+        self.x_mean, self.x_std, self.scale = x_mean.float(), x_std.float(), float(scale)
+        self.metadata = dict(metadata or {})
+        self.device = device
+
+    @staticmethod
+    def build_net(kind: str, config: dict) -> torch.nn.Module:
+        """A fresh, untrained network of ``kind`` with ``config``."""
+        if kind == "gnn":
+            return GraphNet(len(FEATURE_NAMES), config["hidden"], config["layers"], config.get("device_dim", 0))
+        if config.get("fusion") not in FUSION_PROFILES:
+            raise CostModelError(f"unknown fusion profile {config.get('fusion')!r}; use one of {FUSION_PROFILES}")
+        return PerOpNet(hidden=config["hidden"])
+
+    # ------------------------------------------------------------ inputs
+
+    def rows(self, graph: GraphFeatures) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows the network reads for one graph (node rows, or kernel rows and their first node)."""
+        if self.kind == "gnn":
+            return graph.x, None
+        return group_features(graph, self.config["fusion"])
+
+    def inputs(self, graphs: list[GraphFeatures]) -> dict:
+        """Normalised batch tensors for the network, for a list of graphs."""
+        if self.kind == "gnn":
+            x, edges, graph = batch_graphs(graphs)
+            return {"x": (x - self.x_mean) / self.x_std, "edges": edges, "graph": graph, "num_graphs": len(graphs)}
+        parts = [self.rows(g)[0] for g in graphs]
+        rows = torch.from_numpy(np.concatenate(parts))
+        graph = torch.from_numpy(np.repeat(np.arange(len(parts)), [len(p) for p in parts]))
+        return {"rows": (rows - self.x_mean) / self.x_std, "graph": graph, "num_graphs": len(graphs)}
+
+    def forward(self, batch: dict, device: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output (units of ``scale``) for a batch from :meth:`inputs`."""
+        if self.kind == "gnn":
+            return self.net(batch["x"], batch["edges"], batch["graph"], batch["num_graphs"],
+                            device if device is not None else self.device)
+        return self.net(batch["rows"], batch["graph"], batch["num_graphs"])
+
+    # ------------------------------------------------------------ prediction
+
+    @torch.no_grad()
+    def predict(self, graphs: list[GraphFeatures], batch_size: int = 512) -> np.ndarray:
+        """Latency in seconds of each graph."""
+        out = [self.forward(self.inputs(graphs[i:i + batch_size])).double().numpy()
+               for i in range(0, len(graphs), batch_size)]
+        return np.concatenate(out) * self.scale if out else np.zeros(0)
+
+    @torch.no_grad()
+    def node_latencies(self, graph: GraphFeatures) -> tuple[np.ndarray, float]:
+        """(seconds attributed to each row of ``graph``, seconds not tied to any node)."""
+        batch = self.inputs([graph])
+        if self.kind == "gnn":
+            h = self.net.node_states(batch["x"], batch["edges"])
+            shares = self.net.node_shares(h, self.device).double().numpy()
+            return shares * self.scale, 0.0
+        kernel_rows, anchors = self.rows(graph)
+        shares = np.zeros(graph.num_nodes)
+        shares[anchors] = self.net.kernel_shares(batch["rows"]).double().numpy()
+        return shares * self.scale, float(self.net.constant()) * self.scale
+
+    # ------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the predictor file (see the module docstring); the folder must exist."""
+        state = {
+            "format": _FORMAT, "version": 1, "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES),
+            "kind": self.kind, "config": self.config, "x_mean": self.x_mean, "x_std": self.x_std,
+            "scale": self.scale, "state_dict": self.net.state_dict(), "metadata": self.metadata,
+            "device": self.device,
+        }
+        torch.save(state, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Predictor":
+        """Read a predictor file. Raises :class:`CostModelError` when it is missing or not one."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CostModelError(f"no predictor file at {path!r}; train one with `hant fit` or "
+                                 "hant.cost_models.learned.fit_table / fit_db")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CostModelError(f"{path!r} is not a readable predictor file ({type(exc).__name__}: {exc}); "
+                                 "train one with `hant fit`") from exc
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise CostModelError(f"{path!r} is not a hant predictor file; train one with `hant fit`")
+        if state.get("feature_version") != FEATURE_VERSION or state.get("feature_names") != list(FEATURE_NAMES):
+            raise CostModelError(f"{path!r} was trained on other node features (version "
+                                 f"{state.get('feature_version')}, this hant uses {FEATURE_VERSION}); train it again")
+        try:
+            net = cls.build_net(state["kind"], state["config"])
+            net.load_state_dict(state["state_dict"])
+            return cls(state["kind"], state["config"], net, state["x_mean"], state["x_std"], state["scale"],
+                       state["metadata"], state.get("device"))
+        except CostModelError:
+            raise
+        except Exception as exc:
+            raise CostModelError(f"{path!r} is a damaged predictor file ({type(exc).__name__}: {exc}); "
+                                 "train it again") from exc
+
+
+class LearnedCostModel:
+    """``learned:PATH``: a trained predictor as a cost model.
+
+    ``graph_cost`` featurises the graph and reports each node's share of the predicted
+    latency beside the ``flops`` counts; the total is the network's prediction (node shares
+    plus any constant overhead). ``node_cost`` is a node's share within its own graph (the
+    prediction depends on the node's neighbourhood), computed once per graph and reused
+    until the graph changes.
+    """
+
+    def __init__(self, predictor: Predictor, name: str = "learned"):
+        from hant.cost_models.flops import FlopsModel
+        self.predictor, self.name = predictor, name
+        self._counts = FlopsModel()
+        self._cache: tuple | None = None
+
+    def graph_cost(self, gm) -> CostReport:
+        graph = featurize(gm)
+        shares, constant = self.predictor.node_latencies(graph)
+        by_name = dict(zip(graph.names, shares))
+        rows = []
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            row = self._counts.row(node)
+            rows.append(replace(row, cost=replace(row.cost, latency_s=float(by_name.get(node.name, 0.0)))))
+        report = CostReport.from_rows(self.name, rows)
+        total = float(shares.sum()) + constant
+        notes = [f"predicted by a {self.predictor.kind} predictor; the total includes "
+                 f"{(total - report.rows_latency_s) * 1e3:.4g} ms not tied to any node"]
+        return CostReport(self.name, report.rows, replace(report.total, latency_s=total), notes)
+
+    def node_cost(self, node):
+        gm = node.graph.owning_module
+        key = (id(gm), id(node.graph), tuple(n.name for n in node.graph.nodes))
+        if self._cache is None or self._cache[0] != key:
+            report = self.graph_cost(gm)
+            self._cache = (key, {r.node: r.cost for r in report.rows})
+        cost = self._cache[1].get(node.name)
+        if cost is None:
+            raise CostModelError(f"node {node.name!r} is not a compute node; it has no cost")
+        return cost
+
+
+_LOADED: dict[tuple[str, float], Predictor] = {}
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """:meth:`Predictor.load`, cached by path and modification time."""
+    path = os.path.abspath(os.fspath(path))
+    key = (path, os.path.getmtime(path) if os.path.isfile(path) else -1.0)
+    if key not in _LOADED:
+        _LOADED[key] = Predictor.load(path)
+    return _LOADED[key]
+
+
+def _factory(argument: str | None) -> LearnedCostModel:
+    if not argument:
+        raise CostModelError("the learned cost model needs a predictor file: learned:PATH (train one with `hant fit`)")
+    return LearnedCostModel(load_predictor(argument), f"learned:{argument}")
+
+
+register("learned", _factory, "a trained predictor file, learned:PATH (train it with `hant fit`)")

@@ -1,0 +1,430 @@
+"""``measured:DEVICE-RUNTIME``: time ops and whole graphs on this machine, cached in a latency store.
+
+Specs: ``measured:cpu-onnxruntime`` (the default for plain ``measured``), ``measured:cpu-torch``,
+``measured:cuda-torch`` (CUDA events; only with a GPU). Options follow commas:
+``threads=N`` (runtime threads; default ``torch.get_num_threads()``), ``total=graph|nodes``
+(what a report's total is, see below) and ``db=PATH`` (the store file).
+
+* ``node_cost(node)``: the op alone, rebuilt as a tiny module with its real input shapes.
+  Ops with an op view (conv, linear, batchnorm, layer/group norm, activation, add, mul,
+  pool, matmul) are rebuilt from the view, so every spelling of an op (``nn.Conv2d``,
+  ``F.conv2d``, ATen) shares one signature and one measurement. Cat, softmax, reduce and
+  other ops are copied into a one-node graph. Views, identities and bookkeeping cost 0.
+  MACs, bytes and parameters come from the ``flops`` model.
+* ``graph_cost(gm)``: one row per node as above; the total is the whole graph measured
+  at once (``total="graph"``, the default) or the sum of the rows (``total="nodes"``). The
+  notes give both, so the gap between them (what the runtime fuses) is visible.
+
+Every measurement goes to the store, keyed by signature and the runtime's key (name, version,
+threads, device fingerprint); a stored measurement is reused, never re-timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from hant.cost_models.base import COMPUTE_SKIP_KINDS, Cost, CostReport, CostRow, NodeSumCostModel, register
+from hant.cost_models.flops import FlopsModel
+from hant.cost_models.roofline import roofline_kind
+from hant.cost_models.store import LatencyStore, canonical_json
+from hant.cost_models.timing import Runtime, Timing, TimingConfig, runtime_for
+from hant.errors import CostModelError
+from hant.graphs.ops import (
+    activation_of, add_of, batchnorm_of, conv_of, layernorm_of, linear_of, matmul_of, mul_of, op_kind,
+    output_dtype, output_shape, pool_of, tensor_meta,
+)
+
+__all__ = ["MeasuredModel", "op_signature", "is_free", "build_op", "graph_key", "parse_spec", "FREE_KINDS",
+           "OP_TIMING", "GRAPH_TIMING"]
+
+# Kinds that move no arithmetic: priced 0 without measuring.
+FREE_KINDS = frozenset({"identity", "shape"}) | COMPUTE_SKIP_KINDS
+# Kinds rebuilt from their op view; anything else measurable is copied as a one-node graph.
+VIEW_KINDS = ("conv", "linear", "batchnorm", "layernorm", "activation", "add", "mul", "pool", "matmul")
+
+OP_TIMING = TimingConfig(time_cap_s=0.5)
+GRAPH_TIMING = TimingConfig(time_cap_s=2.0)
+
+
+# ---------------------------------------------------------------- signatures
+
+def _shape(node: Any) -> list[int] | None:
+    shape = output_shape(node)
+    return [int(s) for s in shape] if shape is not None else None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype or torch.float32).replace("torch.", "")
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _view_attrs(kind: str, node: Node) -> tuple[list[Any], dict] | None:
+    """The operand nodes and attributes of a node of a view kind, or None when the view misses."""
+    if kind == "conv":
+        v = conv_of(node)
+        return [v.input], dict(weight_shape=list(v.weight_shape), stride=list(v.stride), padding=_as_list(v.padding),
+                               dilation=list(v.dilation), groups=v.groups, bias=v.has_bias,
+                               transposed=v.transposed, output_padding=list(v.output_padding),
+                               padding_mode=v.padding_mode)
+    if kind == "linear":
+        v = linear_of(node)
+        return [v.input], dict(in_features=int(v.in_features), out_features=int(v.out_features), bias=v.has_bias)
+    if kind == "batchnorm":
+        v = batchnorm_of(node)
+        return [v.input], dict(num_features=v.num_features)
+    if kind == "layernorm":
+        v = layernorm_of(node)
+        return [v.input], dict(norm=v.kind, normalized_shape=list(v.normalized_shape), num_groups=v.num_groups)
+    if kind == "activation":
+        v = activation_of(node)
+        params = {k: p for k, p in v.params.items() if isinstance(p, (int, float, str, bool))}
+        return [v.input], dict(activation=v.kind, params=params)
+    if kind in ("add", "mul"):
+        v = (add_of if kind == "add" else mul_of)(node)
+        operands = v.tensor_operands
+        return operands, dict(op=kind, scalar=len(operands) == 1)
+    if kind == "pool":
+        v = pool_of(node)
+        return [v.input], dict(pool=v.kind, dims=v.spatial_dims, kernel_size=list(v.kernel_size),
+                               stride=list(v.stride), padding=list(v.padding), dilation=list(v.dilation),
+                               ceil_mode=v.ceil_mode, count_include_pad=v.count_include_pad,
+                               divisor_override=v.divisor_override, output_size=_as_list(v.output_size))
+    if kind == "matmul":
+        v = matmul_of(node)
+        return [a for a in (v.lhs, v.rhs) if isinstance(a, Node)], {}
+    return None
+
+
+def _target_name(node: Node) -> str:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+    target = node.target
+    return str(target) if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
+
+
+def _generic_attrs(node: Node) -> dict:
+    """What defines a one-node copy besides its input shapes: the target and non-tensor arguments."""
+    inputs = node.all_input_nodes
+    swap = lambda a: f"${inputs.index(a)}" if isinstance(a, Node) else a  # noqa: E731
+    args = torch.fx.node.map_aggregate(node.args, swap)
+    kwargs = torch.fx.node.map_aggregate(dict(node.kwargs), swap)
+    attrs = dict(op=node.op, target=_target_name(node), args=args, kwargs=kwargs)
+    if node.op == "call_module":
+        attrs["module"] = node.graph.owning_module.get_submodule(node.target).extra_repr()
+    return attrs
+
+
+def is_free(node: Node) -> bool:
+    """True for nodes priced 0 without measuring: :data:`FREE_KINDS` (views, identities, bookkeeping)
+    and nodes that produce no tensor (``torch.export`` guards, asserts)."""
+    return op_kind(node) in FREE_KINDS or tensor_meta(node) is None
+
+
+def op_signature(node: Node) -> dict | None:
+    """The store key of a node's op: ``{"kind", "input_shapes", "dtype", "attrs"}`` (JSON-able).
+
+    None for nodes that cost nothing (:func:`is_free`) or whose input shapes are unknown
+    (no ``tensor_meta``: run shape propagation first).
+    """
+    if is_free(node):
+        return None
+    kind = op_kind(node)
+    described = _view_attrs(kind, node) if kind in VIEW_KINDS else None
+    if described is None:
+        operands, attrs = [a for a in node.all_input_nodes], _generic_attrs(node)
+    else:
+        operands, attrs = described
+    shapes = [_shape(a) for a in operands]
+    if not operands or any(s is None for s in shapes):
+        return None
+    dtype = output_dtype(operands[0])
+    return {"kind": kind, "input_shapes": shapes, "dtype": _dtype_name(dtype), "attrs": attrs}
+
+
+def graph_key(gm: GraphModule) -> str:
+    """A structural hash of a graph: op signatures (or targets and shapes) and edges; weight values
+    do not enter, so two graphs that differ only in weights share one whole-graph measurement."""
+    index: dict[Node, int] = {}
+    entries = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        what = op_signature(node) or dict(op=node.op, target=_target_name(node) if node.op != "output" else "output",
+                                          shape=_shape(node))
+        entries.append([what, [index[a] for a in node.all_input_nodes]])
+    return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- rebuilding an op
+
+class _Binary(nn.Module):
+    def __init__(self, op: str, scalar: bool):
+        super().__init__()
+        self.op, self.scalar = op, scalar
+
+    def forward(self, x, y=None):
+        other = 1.5 if self.scalar else y
+        return x + other if self.op == "add" else x * other
+
+
+class _Matmul(nn.Module):
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU,
+    "elu": nn.ELU, "selu": nn.SELU, "celu": nn.CELU, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish,
+    "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+}
+
+
+def _activation(name: str, params: dict) -> nn.Module:
+    cls = _ACTIVATIONS[name]
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in params.items() if k in accepted and k != "inplace"})
+
+
+def _module_from_signature(sig: dict) -> nn.Module:
+    kind, a, shapes = sig["kind"], sig["attrs"], sig["input_shapes"]
+    if kind == "conv":
+        w, n = a["weight_shape"], len(a["weight_shape"]) - 2
+        if a["transposed"]:
+            cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[n - 1]
+            return cls(w[0], w[1] * a["groups"], w[2:], a["stride"], a["padding"], a["output_padding"], a["groups"],
+                       a["bias"], a["dilation"])
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        return cls(w[1] * a["groups"], w[0], w[2:], a["stride"], a["padding"], a["dilation"], a["groups"], a["bias"],
+                   a["padding_mode"])
+    if kind == "linear":
+        return nn.Linear(a["in_features"], a["out_features"], a["bias"])
+    if kind == "batchnorm":
+        rank = len(shapes[0])
+        cls = nn.BatchNorm1d if rank <= 3 else nn.BatchNorm2d if rank == 4 else nn.BatchNorm3d
+        return cls(a["num_features"])
+    if kind == "layernorm":
+        if a["norm"] == "group_norm":
+            return nn.GroupNorm(a["num_groups"], shapes[0][1])
+        return nn.LayerNorm(a["normalized_shape"])
+    if kind == "activation":
+        return _activation(a["activation"], a["params"])
+    if kind in ("add", "mul"):
+        return _Binary(a["op"], a["scalar"])
+    if kind == "pool":
+        n, pool = a["dims"], a["pool"]
+        if pool == "adaptive_avg":
+            return (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[n - 1](a["output_size"])
+        if pool == "adaptive_max":
+            return (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)[n - 1](a["output_size"])
+        if pool == "avg":
+            cls = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[n - 1]
+            extra = {"divisor_override": a["divisor_override"]} if n > 1 else {}
+            return cls(a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], **extra)
+        cls = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[n - 1]
+        return cls(a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
+    if kind == "matmul":
+        return _Matmul()
+    raise CostModelError(f"no op view rebuilds ops of kind {kind!r}")
+
+
+def _one_node_graph(node: Node) -> nn.Module:
+    """The node alone: its tensor inputs become placeholders, its module and constants are copied."""
+    owner = node.graph.owning_module
+    graph = torch.fx.Graph()
+    attrs: dict[str, Any] = {}
+    env: dict[Node, Node] = {}
+    for i, a in enumerate(node.all_input_nodes):
+        if a.op == "get_attr":
+            attrs[a.target] = copy.deepcopy(_getattr_path(owner, a.target))
+            env[a] = graph.get_attr(a.target)
+        else:
+            env[a] = graph.placeholder(f"input_{i}")
+    if node.op == "call_module":
+        attrs[node.target] = copy.deepcopy(owner.get_submodule(node.target))
+    copied = graph.node_copy(node, lambda a: env[a])
+    graph.output(copied)
+    return GraphModule(attrs, graph, "one_op")
+
+
+def _getattr_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _example(shape: list[int], dtype_name: str) -> torch.Tensor:
+    dtype = getattr(torch, dtype_name, torch.float32)
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def build_op(node: Node, signature: dict | None = None) -> tuple[nn.Module, tuple]:
+    """A tiny eval-mode module computing the node's op, and example inputs of its real shapes.
+
+    Raises :class:`CostModelError` for nodes that cannot be isolated (no shapes, free kinds).
+    """
+    signature = signature or op_signature(node)
+    if signature is None:
+        raise CostModelError(f"node {node.name} ({op_kind(node)}) has no measurable op; run shape propagation "
+                             "(hant.trace) first, or price it 0")
+    if signature["kind"] in VIEW_KINDS and "target" not in signature["attrs"]:
+        module = _module_from_signature(signature)
+        inputs = tuple(_example(s, signature["dtype"]) for s in signature["input_shapes"])
+        dtype = getattr(torch, signature["dtype"], torch.float32)
+        module = module.to(dtype) if dtype.is_floating_point else module
+    else:
+        module = _one_node_graph(node)
+        operands = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        inputs = tuple(_example(_shape(a), _dtype_name(output_dtype(a))) for a in operands)
+    return module.eval(), inputs
+
+
+# ---------------------------------------------------------------- the model
+
+def parse_spec(argument: str | None, prefix: str = "measured", options: tuple[str, ...] = ("threads", "total", "db"),
+               ) -> dict:
+    """``"DEVICE-RUNTIME[,threads=N][,total=graph|nodes][,db=PATH]"`` as keyword arguments of the model.
+
+    ``prefix`` names the spec in messages; ``options`` are the options it accepts.
+    """
+    text = argument or "cpu-onnxruntime"
+    head, *given = text.split(",")
+    device, _, runtime = head.partition("-")
+    usage = (f"use {prefix}:cpu-onnxruntime, {prefix}:cpu-torch or {prefix}:cuda-torch, optionally with "
+             + " ".join(f",{o}={_OPTION_VALUES[o]}" for o in options))
+    if device not in ("cpu", "cuda") or runtime not in ("torch", "onnxruntime"):
+        raise CostModelError(f"bad {prefix} spec {text!r}; {usage}")
+    if device == "cuda" and runtime != "torch":
+        raise CostModelError(f"{prefix}:{head} is not supported: on a GPU hant times eager torch with CUDA "
+                             f"events; use {prefix}:cuda-torch")
+    kwargs: dict[str, Any] = {"device": device, "runtime": runtime}
+    for option in given:
+        name, _, value = option.partition("=")
+        if name == "threads" and name in options and value.isdigit() and int(value) > 0:
+            kwargs["threads"] = int(value)
+        elif name == "total" and name in options and value in ("graph", "nodes"):
+            kwargs["total"] = value
+        elif name == "db" and name in options and value:
+            kwargs["store"] = value
+        else:
+            raise CostModelError(f"bad option {option!r} in {prefix} spec {text!r}; {usage}")
+    return kwargs
+
+
+_OPTION_VALUES = {"threads": "N", "total": "graph|nodes", "db": "PATH"}
+
+
+class MeasuredModel(NodeSumCostModel):
+    """Times ops and graphs on this machine; see the module docstring.
+
+    ``store``: a :class:`LatencyStore`, a path, or None for the default store.
+    ``op_timing``/``graph_timing``: how long to try for a stable median per op / per graph.
+    """
+
+    def __init__(self, device: str = "cpu", runtime: str = "onnxruntime", *, threads: int | None = None,
+                 store: LatencyStore | str | None = None, total: str = "graph",
+                 op_timing: TimingConfig = OP_TIMING, graph_timing: TimingConfig = GRAPH_TIMING):
+        if total not in ("graph", "nodes"):
+            raise CostModelError(f"total must be 'graph' or 'nodes', got {total!r}")
+        self.runtime: Runtime = runtime_for(device, runtime, threads)
+        self.name = f"measured:{device}-{runtime}"
+        self.store = store if isinstance(store, LatencyStore) else LatencyStore(store)
+        self.total = total
+        self.op_timing, self.graph_timing = op_timing, graph_timing
+        self.key = self.runtime.key
+        self._counts = FlopsModel()
+
+    def op_latency(self, node: Node) -> tuple[float, str | None]:
+        """Seconds for the node's op alone, and a note when it is priced 0 because it cannot be isolated.
+
+        Stored measurements are reused; new ones are stored at once.
+        """
+        if is_free(node):
+            return 0.0, None
+        kind = op_kind(node)
+        signature = op_signature(node)
+        if signature is None:
+            return 0.0, f"{node.name} ({kind}): no input shapes, priced 0"
+        found = self.store.get_op(signature, self.key)
+        if found is not None:
+            return found.latency_s, None
+        try:
+            module, inputs = build_op(node, signature)
+            timing = self.runtime.time(module, inputs, self.op_timing)
+        except (CostModelError, RuntimeError, ValueError, TypeError) as exc:
+            return 0.0, f"{node.name} ({kind}): could not be measured alone, priced 0 ({str(exc).splitlines()[0]})"
+        counted = self._counts.node_cost(node)
+        self.store.put_op(signature, self.key, timing.median_s, timing.spread, counted.macs, counted.bytes,
+                          roofline_kind(node))
+        return timing.median_s, None
+
+    def node_cost(self, node: Node) -> Cost:
+        """The flops model's counts with the measured latency of the op alone (0 if it cannot be isolated)."""
+        latency, _ = self.op_latency(node)
+        counted = self._counts.node_cost(node)
+        return Cost(latency, counted.macs, counted.bytes_read, counted.bytes_written, counted.params)
+
+    def graph_latency(self, gm: GraphModule) -> float:
+        """Seconds for the whole graph in one run (stored by structural hash, reused when found)."""
+        key = graph_key(gm)
+        found = self.store.get_graph(key, self.key)
+        if found is not None:
+            return found.latency_s
+        inputs = []
+        for node in gm.graph.find_nodes(op="placeholder"):
+            shape = _shape(node)
+            if shape is None:
+                raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
+                                     "on the graph before measuring it")
+            inputs.append(_example(shape, _dtype_name(output_dtype(node))))
+        timing = self.measure_module(gm, tuple(inputs))
+        self.store.put_graph(key, self.key, timing.median_s, timing.spread)
+        return timing.median_s
+
+    def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
+        """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""
+        return self.runtime.time(module, inputs, config or self.graph_timing)
+
+    def graph_cost(self, gm: GraphModule, total: str | None = None) -> CostReport:
+        """Rows of isolated op costs; the total is the whole graph measured at once (``total="graph"``)
+        or the sum of rows (``total="nodes"``); ``total`` defaults to the model's setting."""
+        total = total or self.total
+        rows, unmeasured = [], []
+        for node in gm.graph.nodes:
+            if node.op in COMPUTE_SKIP_KINDS:
+                continue
+            latency, note = self.op_latency(node)
+            if note:
+                unmeasured.append(note)
+            row = self._counts.row(node)
+            rows.append(CostRow(row.node, row.kind, row.target, row.input_shapes, row.output_shape,
+                                Cost(latency, row.cost.macs, row.cost.bytes_read, row.cost.bytes_written,
+                                     row.cost.params)))
+        report = CostReport.from_rows(self.name, rows, [f"runtime: {self.runtime.describe()}"])
+        report.notes.extend(unmeasured)
+        nodes_s = report.rows_latency_s
+        if total == "nodes":
+            report.notes.append(f"total is the sum of {len(rows)} ops measured alone: {nodes_s * 1e3:.3f} ms")
+            return report
+        whole = self.graph_latency(gm)
+        report = report.with_total_latency(whole)
+        gap = (nodes_s - whole) / whole * 100 if whole > 0 else 0.0
+        report.notes.append(f"total is the whole graph measured at once: {whole * 1e3:.3f} ms; the ops measured "
+                            f"alone sum to {nodes_s * 1e3:.3f} ms ({gap:+.1f}% against the whole: the fusion gap)")
+        return report
+
+
+register("measured", lambda argument: MeasuredModel(**parse_spec(argument)),
+         "time ops and whole graphs on this machine: measured:cpu-onnxruntime | cpu-torch | cuda-torch")

@@ -1,0 +1,421 @@
+"""relocate_padding: merge conv chains with no nonlinearity between them, moving their padding first (lossy).
+
+A chain of convolutions (with eval BatchNorm and identity-like ops between them, each
+feeding only the next) is one affine map, except at the border: every padded conv after
+the first pads the *intermediate* tensor with zeros, which no single conv on the input can
+reproduce (a bias before it makes the padded ring non-zero). Kim et al. (ICML 2023,
+"Efficient latency-aware CNN depth compression") move all the chain's padding to its first
+conv, ``P = p1 + s1*p2 + s1*s2*p3 + ...``, and leave the rest unpadded. The relocated chain
+is then exactly one conv, with kernel ``K = k1 + s1*(k2-1) + s1*s2*(k3-1) + ...`` and stride
+``s1*s2*...``; only a ring of border pixels differs from the original, and fine-tuning
+repairs it.
+
+What this module does:
+
+* :func:`chain_paths` finds maximal single-path chains of ops a predicate accepts;
+* :func:`plan_chains` splits every conv/BN chain into segments to merge, minimising the
+  cost model's price (a merged kernel can be slower than the chain it replaces: a 5x5 dense
+  conv for two 3x3 ones), with ``relocate=False`` allowing only segments whose merge is exact;
+* :func:`relocate` applies only the padding move (convs keep their own weights; used to
+  fine-tune before merging);
+* :func:`merge` replaces each planned segment by one conv whose weights are COMPUTED from
+  the segment's (composed in float64, never re-initialised), and absorbs a residual
+  ``x + chain(x)`` into the conv's centre tap when the whole chain became one conv.
+
+The registered pass ``relocate_padding`` plans, relocates and merges every chain of a graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import ShapeProp
+
+from hant.graphs.ops import (
+    BatchNormView, ConvView, add_of, batchnorm_of, conv_of, is_identity_like, module_of, output_dtype, output_shape,
+)
+from hant.passes.base import Pass, PassResult, register
+from hant.passes.surgery import add_module, copy_meta, prune_unused, readable
+
+__all__ = ["ChainPlan", "Segment", "chain_paths", "affine_view", "plan_chains", "relocate", "merge",
+           "RelocatePadding", "node_price"]
+
+_F64 = torch.float64
+
+
+# ---------------------------------------------------------------- chain ops
+
+def affine_view(node: Node) -> ConvView | BatchNormView | str | None:
+    """The view of a node a chain may hold: a mergeable conv, an eval BN, or ``"identity"``; else None."""
+    conv = conv_of(node)
+    if conv is not None:
+        ok = (not conv.transposed and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+              and conv.weight is not None and (conv.bias is not None or not conv.has_bias)
+              and conv.output is node)
+        return conv if ok else None
+    bn = batchnorm_of(node)
+    if bn is not None:
+        ok = not bn.training and bn.running_mean is not None and bn.output is node
+        return bn if ok else None
+    if is_identity_like(node) and node.args and isinstance(node.args[0], Node):
+        return "identity"
+    return None
+
+
+def _data_input(node: Node) -> Node | None:
+    inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def chain_paths(gm: GraphModule, member: Callable[[Node], bool]) -> list[list[Node]]:
+    """Maximal paths of ``member`` nodes where each node's only data input is the previous
+    node and the previous node's only user is this one. Every member node is on exactly one path."""
+    def linked(prev: Node, node: Node) -> bool:
+        return member(prev) and _data_input(node) is prev and len(prev.users) == 1
+
+    paths = []
+    for node in gm.graph.nodes:
+        if not member(node):
+            continue
+        prev = _data_input(node)
+        if prev is not None and linked(prev, node):
+            continue                      # not the start of its path
+        path = [node]
+        while len(path[-1].users) == 1:
+            nxt = next(iter(path[-1].users))
+            if not (member(nxt) and _data_input(nxt) is path[-1]):
+                break
+            path.append(nxt)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- composition algebra (float64)
+
+def _dense_kernel(view: ConvView) -> torch.Tensor:
+    """The conv's weight as a dense (groups=1), dilation-expanded float64 kernel."""
+    w = view.weight.detach().to(_F64)
+    g = view.groups
+    cout, cin_g = w.shape[:2]
+    dense = torch.zeros((cout, cin_g * g) + tuple(w.shape[2:]), dtype=_F64)
+    og = cout // g
+    for j in range(g):
+        dense[j * og:(j + 1) * og, j * cin_g:(j + 1) * cin_g] = w[j * og:(j + 1) * og]
+    if any(d != 1 for d in view.dilation):
+        size = tuple(d * (k - 1) + 1 for d, k in zip(view.dilation, w.shape[2:]))
+        dilated = torch.zeros(dense.shape[:2] + size, dtype=_F64)
+        dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in view.dilation)] = dense
+        dense = dilated
+    return dense
+
+
+@dataclass
+class _Affine:
+    """``y = conv(pad_P(x), weight, stride) + bias`` with dense float64 weight."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    groups: set = field(default_factory=set)
+
+
+def _then_conv(acc: _Affine | None, view: ConvView) -> _Affine:
+    k = _dense_kernel(view)
+    b = view.bias.detach().to(_F64) if view.bias is not None else torch.zeros(k.shape[0], dtype=_F64)
+    if acc is None:
+        return _Affine(k, b, tuple(view.stride), tuple(view.padding), {view.groups})
+    n = k.dim() - 2
+    transpose = getattr(F, f"conv_transpose{n}d")
+    # W[o, i] = sum_c sum_t k[o, c, t] * acc.W[c, i, u - S*t]: a transposed conv of acc.W by k
+    weight = transpose(acc.weight.transpose(0, 1), k.transpose(0, 1), dilation=acc.stride).transpose(0, 1)
+    bias = k.sum(dim=tuple(range(2, k.dim()))) @ acc.bias + b
+    padding = tuple(p + q * s for p, q, s in zip(acc.padding, view.padding, acc.stride))
+    stride = tuple(s * t for s, t in zip(acc.stride, view.stride))
+    return _Affine(weight, bias, stride, padding, acc.groups | {view.groups})
+
+
+def _then_bn(acc: _Affine, view: BatchNormView) -> _Affine:
+    scale, shift = view.scale_shift(_F64)
+    shape = (-1,) + (1,) * (acc.weight.dim() - 1)
+    return _Affine(acc.weight * scale.reshape(shape), acc.bias * scale + shift, acc.stride, acc.padding, acc.groups)
+
+
+def _compose(views: list) -> _Affine:
+    acc = None
+    for view in views:
+        if view == "identity":
+            continue
+        if isinstance(view, ConvView):
+            acc = _then_conv(acc, view)
+        else:
+            acc = _then_bn(acc, view)
+    return acc
+
+
+def _to_module(acc: _Affine, dtype: torch.dtype) -> nn.Module:
+    n = acc.weight.dim() - 2
+    cout, cin = acc.weight.shape[:2]
+    groups = next(iter(acc.groups)) if len(acc.groups) == 1 else 1
+    og, ig = cout // groups, cin // groups
+    grouped = torch.cat([acc.weight[j * og:(j + 1) * og, j * ig:(j + 1) * ig] for j in range(groups)])
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n]
+    conv = conv_cls(cin, cout, tuple(acc.weight.shape[2:]), stride=acc.stride, padding=acc.padding, groups=groups,
+                    bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(grouped.to(dtype))
+        conv.bias.copy_(acc.bias.to(dtype))
+    return conv.to(dtype)
+
+
+# ---------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class Segment:
+    """Ops ``nodes`` of one chain to merge into one conv. ``relocated``: its padding had to move."""
+    nodes: tuple[Node, ...]
+    relocated: bool
+    price_before: tuple[float, float]
+    price_after: tuple[float, float]
+
+
+@dataclass
+class ChainPlan:
+    """The segments to merge in a graph, and the chains left alone (with why)."""
+    segments: list[Segment] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _needs_relocation(views: list) -> bool:
+    seen_op = False
+    for view in views:
+        if view == "identity":
+            continue
+        if seen_op and isinstance(view, ConvView) and any(p != 0 for p in view.padding):
+            return True
+        seen_op = True
+    return False
+
+
+def _one_op_graph(module: nn.Module, input_shape: torch.Size, dtype: torch.dtype) -> Node:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("op", (x,))
+    graph.output(y)
+    root = nn.Module()
+    root.op = module
+    gm = GraphModule(root, graph)
+    ShapeProp(gm).propagate(torch.zeros(input_shape, dtype=dtype))
+    return y
+
+
+def node_price(cost: Any, nodes: Iterable[Node]) -> tuple[float, float]:
+    """``(latency_s, macs)`` the cost model gives the nodes, summed."""
+    lat = macs = 0.0
+    for node in nodes:
+        c = cost.node_cost(node)
+        lat += float(c.latency_s)
+        macs += float(c.macs)
+    return lat, macs
+
+
+def _segment_price(cost: Any, views: list, nodes: list[Node]) -> tuple[tuple[float, float], nn.Module] | None:
+    """Price of the merged conv of ``nodes`` (None when the merge is impossible or changes the shape)."""
+    in_shape, out_shape = output_shape(_data_input(nodes[0])), output_shape(nodes[-1])
+    dtype = output_dtype(nodes[-1]) or torch.float32
+    if in_shape is None or out_shape is None or not any(isinstance(v, ConvView) for v in views):
+        return None
+    acc = _compose(views)
+    spatial = len(acc.stride)
+    expected = [(h + 2 * p - k) // s + 1 for h, p, k, s in
+                zip(in_shape[-spatial:], acc.padding, acc.weight.shape[2:], acc.stride)]
+    if list(out_shape[-spatial:]) != expected or out_shape[1] != acc.weight.shape[0]:
+        return None
+    module = _to_module(acc, dtype)
+    node = _one_op_graph(module, in_shape, dtype)
+    return node_price(cost, [node]), module
+
+
+def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True) -> ChainPlan:
+    """Choose, for every conv/BN chain of ``gm``, the segments whose merged conv is cheapest.
+
+    Per chain, a dynamic program over split points minimises the summed price
+    ``(latency_s, MACs)`` (latency first, MACs break ties, so a latency-free model such as
+    ``flops`` still decides). A segment must start with a conv; with ``relocate=False`` it
+    may hold no padded conv after its first op (its merge is then exact). Nodes need
+    ``tensor_meta``.
+    """
+    plan = ChainPlan()
+    for path in chain_paths(gm, lambda n: affine_view(n) is not None):
+        views = [affine_view(n) for n in path]
+        if sum(isinstance(v, ConvView) for v in views) == 0 or len(path) < 2:
+            continue
+        m = len(path)
+        single = [node_price(cost, [n]) for n in path]
+        best: list[tuple[tuple[float, float, int], list]] = [((0.0, 0.0, 0), [])] + [None] * m
+        for j in range(1, m + 1):
+            for i in range(j):
+                prev = best[i]
+                if prev is None:
+                    continue
+                if j - i == 1:
+                    lat, macs = single[i]
+                    cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1])
+                else:
+                    seg_views, seg_nodes = views[i:j], path[i:j]
+                    first_op = next((v for v in seg_views if v != "identity"), None)
+                    reloc = _needs_relocation(seg_views)
+                    if not isinstance(first_op, ConvView) or (reloc and not relocate):
+                        continue
+                    priced = _segment_price(cost, seg_views, seg_nodes)
+                    if priced is None:
+                        continue
+                    (lat, macs), _ = priced
+                    before = node_price(cost, seg_nodes)
+                    segment = Segment(tuple(seg_nodes), reloc, before, (lat, macs))
+                    cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1] + [segment])
+                if best[j] is None or cand[0] < best[j][0]:
+                    best[j] = cand
+        chosen = best[m][1]
+        plan.segments.extend(chosen)
+        if not chosen:
+            plan.left.append((" + ".join(n.name for n in path), "no merge is cheaper than the ops it replaces"))
+    return plan
+
+
+# ---------------------------------------------------------------- rewriting
+
+def relocate(gm: GraphModule, plan: ChainPlan) -> list[Segment]:
+    """Move each planned segment's padding to its first conv, in place, keeping every conv's weights.
+
+    Only segments of ``call_module`` convs are relocated this way (new conv modules with the
+    new padding; the old ones, which may be shared with the caller, are untouched). Returns
+    the segments relocated; :func:`merge` merges them afterwards exactly.
+    """
+    done = []
+    for seg in plan.segments:
+        views = [affine_view(n) for n in seg.nodes]
+        convs = [v for v in views if isinstance(v, ConvView)]
+        if not seg.relocated or any(v.module is None for v in convs):
+            continue
+        total, stride = None, None
+        for v in convs:
+            total = tuple(v.padding) if total is None else tuple(p + q * s for p, q, s in zip(total, v.padding, stride))
+            stride = tuple(v.stride) if stride is None else tuple(s * t for s, t in zip(stride, v.stride))
+        for k, v in enumerate(convs):
+            new = _copy_conv(v.module, total if k == 0 else (0,) * len(total))
+            name = add_module(gm, readable(v.node.target) + "_relocated", new)
+            v.node.target = name
+        done.append(seg)
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def _copy_conv(module: nn.Module, padding: tuple[int, ...]) -> nn.Module:
+    new = type(module)(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                       padding=padding, dilation=module.dilation, groups=module.groups,
+                       bias=module.bias is not None, padding_mode=module.padding_mode)
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    return new.to(module.weight.dtype)
+
+
+def _current_views(nodes: tuple[Node, ...]) -> list:
+    """Views of a segment, with padding read as if relocated when it already is (relocate() ran)."""
+    return [affine_view(n) for n in nodes]
+
+
+def _absorb_residual(gm: GraphModule, merged: Node, source: Node, module: nn.Module) -> bool:
+    """``source + merged`` (merged = conv(source), same shape, centred kernel) -> one conv."""
+    if len(merged.users) != 1:
+        return False
+    user = next(iter(merged.users))
+    add = add_of(user)
+    if add is None or add.alpha != 1.0 or add.inplace or {id(a) for a in (add.lhs, add.rhs)} != {id(merged), id(source)}:
+        return False
+    w = module.weight
+    if (module.in_channels != module.out_channels or any(s != 1 for s in module.stride)
+            or any(k != 2 * p + 1 for k, p in zip(w.shape[2:], module.padding))):
+        return False
+    groups = module.groups
+    per = module.out_channels // groups
+    centre = tuple(p for p in module.padding)
+    with torch.no_grad():
+        for o in range(module.out_channels):
+            w[(o, o % per) + centre] += 1.0
+    copy_meta(user, merged)
+    user.replace_all_uses_with(merged)
+    gm.graph.erase_node(user)
+    return True
+
+
+def merge(gm: GraphModule, plan: ChainPlan, *, absorb_residual: bool = True) -> list[str]:
+    """Replace every planned segment of ``gm`` by one computed conv, in place; return the new node names.
+
+    Padding is relocated as part of the merge (a no-op for segments :func:`relocate` already
+    moved, or that need none). Recompiles and prunes unused modules.
+    """
+    names = []
+    for seg in plan.segments:
+        views = _current_views(seg.nodes)
+        if any(v is None for v in views):
+            continue
+        source = _data_input(seg.nodes[0])
+        dtype = output_dtype(seg.nodes[-1]) or torch.float32
+        module = _to_module(_compose(views), dtype)
+        first = next(n for n, v in zip(seg.nodes, views) if isinstance(v, ConvView))
+        target = add_module(gm, readable(first.name) + "_merged", module)
+        last = seg.nodes[-1]
+        with gm.graph.inserting_before(last):
+            new = gm.graph.call_module(target, (source,))
+        copy_meta(last, new)
+        if "tensor_meta" in last.meta:
+            new.meta["tensor_meta"] = last.meta["tensor_meta"]
+        last.replace_all_uses_with(new)
+        for node in reversed(seg.nodes):
+            gm.graph.erase_node(node)
+        whole_chain = source is not None and len(source.users) == 2
+        if absorb_residual and whole_chain:
+            _absorb_residual(gm, new, source, module)
+        names.append(new.name)
+    prune_unused(gm)
+    return names
+
+
+@register
+class RelocatePadding(Pass):
+    """Merge every conv/BN chain that the cost model says is cheaper merged, relocating padding (lossy).
+
+    Options (``context.options``): ``relocate`` (default True; False merges only exactly),
+    ``absorb_residual`` (default True). Each merged segment is a decision in the report,
+    marked when its padding moved (border pixels then change).
+    """
+
+    name = "relocate_padding"
+    exact = False
+    idempotent = True
+
+    def call(self, gm: GraphModule) -> PassResult:
+        from hant.cost_models import get as get_cost_model
+
+        cost = get_cost_model(self.context.cost if self.context.cost is not None else "roofline:cpu")
+        plan = plan_chains(gm, cost, relocate=self.context.options.get("relocate", True))
+        for site, reason in plan.left:
+            self.decide(site, "not_cheaper", reason)
+        for seg in plan.segments:
+            what = "padding moved to the first conv, border pixels change" if seg.relocated else "exact merge"
+            self.decide(" + ".join(n.name for n in seg.nodes), "applied", what, seg.price_before[0],
+                        seg.price_after[0])
+        if not plan.segments:
+            return PassResult(gm, False)
+        merge(gm, plan, absorb_residual=self.context.options.get("absorb_residual", True))
+        return PassResult(gm, True)

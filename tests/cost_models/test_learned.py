@@ -1,0 +1,219 @@
+"""Learned predictors: fit/evaluate round trips, learned:PATH, node-order invariance, errors."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torchvision.models import resnet18
+
+import hant
+from hant.cost_models import get
+from hant.cost_models.learned import data_path, featurize, fit_table, train
+from hant.cost_models.learned.nb201 import family
+from hant.cost_models.learned.perop import group_nodes
+from hant.cost_models.learned.predictor import Predictor
+from hant.cost_models.learned.transfer import adapt, pick_references, pretrain
+
+FAST = {"steps": 60}
+SLICE_ROWS = 60
+COLUMNS = ("gold_6240", "pixel3", "titanx_1")
+
+
+@pytest.fixture(scope="module")
+def slice_table(tmp_path_factory):
+    """The first rows of the shipped NAS-Bench-201 table, read from the package."""
+    path = tmp_path_factory.mktemp("nb201") / "slice.csv.gz"
+    with gzip.open(data_path(), "rt") as src, gzip.open(path, "wt") as dst:
+        for k, line in enumerate(src):
+            if k > SLICE_ROWS:
+                break
+            dst.write(line)
+    return str(path)
+
+
+def _columns(path):
+    with gzip.open(path, "rt") as f:
+        return f.readline().strip().split(",")
+
+
+def test_shipped_table_has_every_network_and_21_devices():
+    header = _columns(data_path())
+    assert header[:2] == ["nb201_index", "arch_str"] and len(header) == 23
+    with gzip.open(data_path(), "rt") as f:
+        assert sum(1 for _ in f) == 15626
+    folder = os.path.dirname(data_path())
+    assert {"README.md", "LICENSE-HELP"} <= set(os.listdir(folder))
+
+
+@pytest.mark.parametrize("model", ["gnn", "perop"])
+def test_fit_table_round_trip_as_cost_model(slice_table, tmp_path, model):
+    out = tmp_path / f"{model}.pt"
+    result = fit_table(slice_table, "gold_6240", builder="nb201", train_size=40, seed=0, out=out, model=model,
+                       config=FAST)
+    assert result.metrics["n"] == SLICE_ROWS - 40
+    assert set(result.train_rows).isdisjoint(result.test_rows)
+    for key in ("rmse_ms", "mape_pct", "within10_pct", "kendall_tau", "spearman_rho"):
+        assert np.isfinite(result.metrics[key])
+    # the held-out metrics are the file's own predictions on the held-out rows
+    cost_model = get(f"learned:{out}")
+    fam = family()
+    from hant.cost_models.learned.fit import read_table
+    table = read_table(slice_table, "gold_6240", "arch_str")
+    arch = table.architectures[result.test_rows[0]]
+    gm = hant.trace(hant.cost_models.learned.nb201(arch), torch.randn(1, 3, 32, 32))
+    report = cost_model.graph_cost(gm)
+    loaded = Predictor.load(out)
+    assert report.latency_s == pytest.approx(loaded.predict([fam.featurize(arch)])[0], rel=1e-4)
+    assert report.latency_s > 0 and all(r.cost.latency_s >= 0 for r in report.rows)
+    assert loaded.metadata["target_column"] == "gold_6240" and loaded.metadata["held_out"] == result.metrics
+    conv = next(n for n in gm.graph.nodes if n.name == "stem_0")
+    assert cost_model.node_cost(conv).latency_s == next(r.cost.latency_s for r in report.rows if r.node == "stem_0")
+    assert cost_model.node_cost(conv).macs == 3 * 16 * 9 * 32 * 32
+
+
+def test_fitting_is_deterministic_and_learns(slice_table):
+    a = fit_table(slice_table, "pixel3", train_size=40, seed=3, config={"steps": 150})
+    b = fit_table(slice_table, "pixel3", train_size=40, seed=3, config={"steps": 150})
+    assert a.metrics == b.metrics
+    assert a.metrics["spearman_rho"] > 0.5       # pixel3 latency is learnable from 40 rows
+
+
+def _graph(seed):
+    model = hant.cost_models.learned.nb201(
+        "|nor_conv_3x3~0|+|avg_pool_3x3~0|skip_connect~1|+|none~0|nor_conv_1x1~1|nor_conv_3x3~2|", C=8, N=2)
+    return featurize(hant.trace(model, torch.randn(1, 3, 32, 32)))
+
+
+@pytest.mark.parametrize("kind", ["gnn", "perop"])
+def test_prediction_is_invariant_to_node_order(kind):
+    graphs = [_graph(0), family().featurize("|nor_conv_1x1~0|+|none~0|skip_connect~1|+|none~0|nor_conv_1x1~1|"
+                                            "avg_pool_3x3~2|")]
+    predictor = train(kind, graphs, [1e-3, 2e-3], config={"steps": 5})
+    rng = np.random.default_rng(0)
+    for g in graphs:
+        shuffled = g.permuted(rng.permutation(g.num_nodes))
+        assert predictor.predict([shuffled])[0] == pytest.approx(predictor.predict([g])[0], rel=1e-5)
+        shares, _ = predictor.node_latencies(g)
+        order = rng.permutation(g.num_nodes)
+        shuffled_shares, _ = predictor.node_latencies(g.permuted(order))
+        np.testing.assert_allclose(shuffled_shares, shares[order], rtol=1e-5, atol=1e-12)
+
+
+def test_prediction_is_invariant_to_graph_node_order():
+    """Two fx graphs of the same network whose nodes are listed in different orders."""
+    class TwoBranches(nn.Module):
+        def __init__(self, swap):
+            super().__init__()
+            self.swap = swap
+            self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            if self.swap:
+                b = self.b(x)
+                return self.a(x) + b
+            a = self.a(x)
+            return a + self.b(x)
+
+    torch.manual_seed(0)
+    first = TwoBranches(False)
+    second = TwoBranches(True)
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(1, 3, 16, 16)
+    g1, g2 = featurize(hant.trace(first, x)), featurize(hant.trace(second, x))
+    assert [n for n in g1.names] != [n for n in g2.names] or not np.array_equal(g1.x, g2.x)
+    for kind in ("gnn", "perop"):
+        predictor = train(kind, [g1, _graph(0)], [1e-3, 5e-3], config={"steps": 5})
+        assert predictor.predict([g2])[0] == pytest.approx(predictor.predict([g1])[0], rel=1e-5)
+
+
+def test_fused_grouping_puts_conv_bn_relu_in_one_kernel():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU())
+    g = featurize(hant.trace(model, torch.randn(1, 3, 8, 8)))
+    groups = dict(zip(g.names, group_nodes(g, "fused")))
+    assert groups["_0"] == groups["_1"] == groups["_2"] != groups["_3"] == groups["_4"]
+    assert len(set(group_nodes(g, "eager"))) == g.num_nodes
+
+
+def test_learned_model_prices_a_torchvision_network(tmp_path):
+    """A predictor trained on NB201 graphs still answers (positively) on a real torchvision graph."""
+    graphs = [family().featurize(a) for a in ("|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+                                              "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|"
+                                              "nor_conv_3x3~1|nor_conv_3x3~2|")]
+    path = tmp_path / "p.pt"
+    train("gnn", graphs, [1e-3, 4e-3], config={"steps": 5}).save(path)
+    gm = hant.trace(resnet18().eval(), torch.randn(1, 3, 64, 64))
+    report = get(f"learned:{path}").graph_cost(gm)
+    assert report.latency_s > 0 and len(report.rows) == len([n for n in gm.graph.nodes
+                                                              if n.op not in ("placeholder", "output", "get_attr")])
+
+
+def test_transfer_to_a_held_out_device(slice_table):
+    from hant.cost_models.learned.fit import read_table
+    fam = family()
+    cols = _columns(slice_table)[2:]
+    target, sources = "samsung_a50", [c for c in cols if c != "samsung_a50"][:4]
+    tables = {c: read_table(slice_table, c, "arch_str") for c in sources + [target]}
+    archs = tables[target].architectures
+    refs = pick_references(archs[:30], [fam.featurize(a) for a in archs[:30]], k=5)
+    ref_rows = [archs.index(a) for a in refs]
+    y = np.stack([tables[c].latency_s for c in sources], axis=1)
+    pre = pretrain(archs[:30], y[:30], sources, fam, refs, y[ref_rows], steps=20, batch_graphs=16)
+    predictor = adapt(pre, fam, tables[target].latency_s[ref_rows], steps=10)
+    scored = [i for i in range(30, len(archs))]
+    predicted = predictor.predict([fam.featurize(archs[i]) for i in scored])
+    assert np.all(predicted > 0) and np.all(np.isfinite(predicted))
+    assert predictor.metadata["pretrained_on"] == sources and target not in sources
+
+
+# ------------------------------------------------------------------ errors
+
+def test_missing_column_raises(slice_table):
+    with pytest.raises(hant.CostModelError, match="no column 'no_such_device'"):
+        fit_table(slice_table, "no_such_device", train_size=10)
+
+
+def test_unknown_builder_raises(slice_table):
+    with pytest.raises(hant.CostModelError, match="unknown builder"):
+        fit_table(slice_table, "pixel3", builder="nb101", train_size=10)
+
+
+@pytest.mark.parametrize("bad_line", ["7,|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+                                      "7,|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|,abc",
+                                      "7,|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|,-1.0",
+                                      "7,|conv9~0|+|none~0|none~1|+|none~0|none~1|none~2|,3.0"])
+def test_malformed_row_raises(tmp_path, bad_line):
+    path = tmp_path / "bad.csv"
+    good = "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+    rows = [f"{k},{good},{1.0 + k}" for k in range(5)]
+    path.write_text("nb201_index,arch_str,dev\n" + "\n".join(rows[:2] + [bad_line] + rows[2:]) + "\n")
+    with pytest.raises(hant.CostModelError):
+        fit_table(path, "dev", train_size=3, config={"steps": 2})
+
+
+def test_train_size_leaving_nothing_to_score_raises(slice_table):
+    with pytest.raises(hant.CostModelError, match="train_size"):
+        fit_table(slice_table, "pixel3", train_size=SLICE_ROWS)
+
+
+def test_missing_and_bad_predictor_files_raise(tmp_path):
+    with pytest.raises(hant.CostModelError, match="no predictor file"):
+        get(f"learned:{tmp_path / 'nope.pt'}")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a predictor")
+    with pytest.raises(hant.CostModelError, match="not a readable predictor"):
+        get(f"learned:{junk}")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(hant.CostModelError, match="not a hant predictor"):
+        get(f"learned:{other}")
+    with pytest.raises(hant.CostModelError, match="learned:PATH"):
+        get("learned")
+
+
+def test_unknown_model_kind_raises(slice_table):
+    with pytest.raises(hant.CostModelError, match="unknown learned model"):
+        fit_table(slice_table, "pixel3", train_size=10, model="xgboost")

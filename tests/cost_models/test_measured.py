@@ -1,0 +1,161 @@
+"""measured:DEVICE-RUNTIME: positive, stable per-op numbers for every op kind; store hits; specs."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hant
+from hant.cost_models import get
+from hant.cost_models.measured import MeasuredModel, build_op, graph_key, op_signature
+from hant.cost_models.store import LatencyStore
+from hant.cost_models.timing import Timing, TimingConfig, measure, median_rel_ci
+from hant.errors import CostModelError
+from hant.graphs.ops import op_kind
+
+FAST = TimingConfig(warmup_s=0.0, warmup_runs=3, block_s=0.0005, min_samples=7, max_samples=60, time_cap_s=0.05)
+
+
+class EveryKind(nn.Module):
+    """One of each op kind the measured model isolates, in both module and functional spellings."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.Hardswish()
+        self.dw = nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.gn = nn.GroupNorm(2, 8)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        z = F.silu(self.dw(y))
+        z = self.gn(self.pool(z)) * 0.5
+        z = z + torch.sigmoid(z)
+        c = torch.cat([z, z], dim=1)
+        v = self.fc(torch.flatten(self.gap(y), 1))
+        w = self.ln(F.relu(v))
+        m = torch.matmul(w.unsqueeze(2), w.unsqueeze(1)).softmax(-1)
+        return c.mean(dim=(2, 3)), m
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return hant.trace(EveryKind().eval(), torch.randn(1, 3, 16, 16))
+
+
+KINDS = {"conv", "batchnorm", "activation", "pool", "layernorm", "mul", "add", "cat", "linear", "matmul", "softmax",
+         "reduce"}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_every_op_kind_gets_positive_stable_numbers(graph, tmp_path, runtime):
+    kinds = {op_kind(n) for n in graph.graph.nodes}
+    assert KINDS <= kinds
+    first = MeasuredModel("cpu", runtime, threads=1, store=tmp_path / "a.db", op_timing=FAST)
+    second = MeasuredModel("cpu", runtime, threads=1, store=tmp_path / "b.db", op_timing=FAST)
+    for node in graph.graph.nodes:
+        kind = op_kind(node)
+        if kind not in KINDS:
+            continue
+        a, b = first.node_cost(node), second.node_cost(node)
+        assert a.latency_s > 0 and b.latency_s > 0, node.name
+        assert 0.1 < a.latency_s / b.latency_s < 10, (node.name, a.latency_s, b.latency_s)  # same order
+    assert LatencyStore(tmp_path / "a.db").count("ops") == sum(op_kind(n) in KINDS for n in graph.graph.nodes)
+
+
+def test_free_and_unisolatable_nodes_cost_zero_with_a_note(graph, tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()), torch.randn(1, 3, 8, 8))
+    relu = next(n for n in gm.graph.nodes if op_kind(n) == "activation")
+    relu.args[0].meta.pop("tensor_meta")            # its input shape is no longer known
+    model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "s.db", op_timing=FAST)
+    report = model.graph_cost(gm, total="nodes")
+    by_kind = {r.kind: r.cost.latency_s for r in report.rows}
+    assert by_kind["activation"] == 0 and by_kind["shape"] == 0
+    assert any("no input shapes" in note and relu.name in note for note in report.notes)
+
+
+def test_store_hits_are_not_measured_again(tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8))
+    model = MeasuredModel("cpu", "onnxruntime", threads=1, store=tmp_path / "s.db", op_timing=FAST, graph_timing=FAST)
+    before = model.graph_cost(gm)
+    again = MeasuredModel("cpu", "onnxruntime", threads=1, store=tmp_path / "s.db")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored measurement was timed again")
+    again.runtime.time = refuse
+    after = again.graph_cost(gm)
+    assert [r.cost.latency_s for r in after.rows] == [r.cost.latency_s for r in before.rows]
+    assert after.latency_s == before.latency_s
+
+
+def test_graph_total_is_whole_graph_or_sum_of_nodes(tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval(),
+                    torch.randn(1, 3, 12, 12))
+    model = MeasuredModel("cpu", "onnxruntime", threads=1, store=tmp_path / "s.db", op_timing=FAST, graph_timing=FAST)
+    whole = model.graph_cost(gm)
+    summed = model.graph_cost(gm, total="nodes")
+    assert whole.latency_s == LatencyStore(tmp_path / "s.db").get_graph(graph_key(gm), model.key).latency_s
+    assert summed.latency_s == pytest.approx(summed.rows_latency_s)
+    assert whole.rows_latency_s == pytest.approx(summed.rows_latency_s)
+    assert any("fusion gap" in n for n in whole.notes) and any("sum of" in n for n in summed.notes)
+    assert whole.total.macs == summed.total.macs > 0        # counts from the flops model
+    assert get("measured:cpu-onnxruntime,total=nodes,threads=1,db=" + str(tmp_path / "s.db")).graph_cost(gm) \
+        .latency_s == pytest.approx(summed.latency_s)
+
+
+def test_traced_and_exported_spellings_share_signatures():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    signatures = []
+    for method in ("symbolic", "export"):
+        gm = hant.trace(model, x, method=method)
+        signatures.append(sorted(str(op_signature(n)) for n in gm.graph.nodes if op_signature(n) is not None))
+    assert signatures[0] == signatures[1] and len(signatures[0]) == 4
+
+
+def test_rebuilt_op_matches_the_original(graph):
+    for node in graph.graph.nodes:
+        if op_kind(node) in ("conv", "linear", "pool", "activation"):
+            module, inputs = build_op(node)
+            ref = graph.get_submodule(node.target) if node.op == "call_module" else None
+            if ref is not None:
+                module.load_state_dict(ref.state_dict())
+                assert torch.allclose(module(*inputs), ref(*inputs), atol=1e-6)
+            assert module(*inputs).shape == node.meta["tensor_meta"].shape
+
+
+def test_measure_stops_on_a_stable_median_or_the_cap():
+    calls = []
+
+    def steady(number):
+        calls.append(number)
+        return 1e-3
+    result = measure(steady, TimingConfig(min_samples=5, time_cap_s=10))
+    assert isinstance(result, Timing) and result.median_s == 1e-3 and result.iqr_s == 0 and result.n == 5
+    assert median_rel_ci([1.0]) == float("inf") and median_rel_ci([1.0, 1.0, 1.0]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cuda_runtime_is_refused_cleanly_without_a_gpu():
+    with pytest.raises(CostModelError, match="cuda.is_available"):
+        get("measured:cuda-torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runtime_measures_on_a_gpu(tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 32, 32))
+    report = MeasuredModel("cuda", "torch", store=tmp_path / "g.db", op_timing=FAST, graph_timing=FAST).graph_cost(gm)
+    assert report.latency_s > 0 and all(r.cost.latency_s > 0 for r in report.rows)
+
+
+@pytest.mark.parametrize("spec", ["measured:tpu-torch", "measured:cpu-tensorrt", "measured:cuda-onnxruntime",
+                                  "measured:cpu", "measured:cpu-torch,threads=0", "measured:cpu-torch,fast=1",
+                                  "measured:cpu-torch,total=some"])
+def test_bad_specs_raise_cost_model_error(spec):
+    with pytest.raises(CostModelError, match="measured"):
+        get(spec)
