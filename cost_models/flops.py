@@ -23,7 +23,7 @@ twice counts its parameters at each call.
 
 ``bytes_read`` are the activation inputs plus the weights and floating-point buffers
 (BatchNorm running statistics) the op reads, each at its dtype's size; ``bytes_written``
-are the op's tensor outputs. Views and no-op copies (``is_shape_op``, ``is_identity_like``)
+are the op's tensor outputs. Views and no-op copies (``op_kind`` ``shape`` and ``identity``)
 move no data and cost nothing, nor do nodes that produce no tensor (guards, asserts,
 Python arithmetic on sizes), except that they still own the parameters they read (a
 class token that is only ``expand``-ed). ``latency_s`` is always 0: this model counts,
@@ -43,8 +43,8 @@ from torch.fx import Node
 
 from hant.cost_models.base import Cost, NodeSumCostModel
 from hant.graphs.ops import (
-    attention_of, constant_of, conv_of, einsum_of, is_identity_like, is_shape_op, linear_of, matmul_of, module_of,
-    output_shape, tensor_meta,
+    attention_of, constant_of, conv_of, einsum_of, linear_of, matmul_of, module_of, op_kind, output_shape,
+    tensor_meta,
 )
 
 __all__ = ["FlopsModel", "node_macs", "tensor_bytes"]
@@ -218,7 +218,7 @@ class FlopsModel(NodeSumCostModel):
         if node.op in ("placeholder", "output", "get_attr"):
             return Cost()
         params, weight_bytes = _weights(node)
-        if is_shape_op(node) or is_identity_like(node) or not _metas(tensor_meta(node)):
+        if op_kind(node) in ("shape", "identity") or not _metas(tensor_meta(node)):
             return Cost(params=params)
         return Cost(
             latency_s=0.0,

@@ -2,7 +2,8 @@
 
 A node's latency is the stored latency of its op signature (see
 :func:`hant.cost_models.measured.op_signature`) measured on this runtime, thread count and
-device fingerprint; the graph's latency is the sum over its nodes. Nothing is timed.
+device fingerprint (any runtime version, the newest row winning); the graph's latency is the
+sum over its nodes. Nothing is timed.
 
 Signatures the store has not seen are priced by the ``roofline`` model, calibrated on the
 same store's ``calibration_samples`` for this runtime and device (or, when it holds too few,

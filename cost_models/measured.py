@@ -9,7 +9,8 @@ Specs: ``measured:cpu-onnxruntime`` (the default for plain ``measured``), ``meas
   Ops with an op view (conv, linear, batchnorm, layer/group norm, activation, add, mul,
   pool, matmul) are rebuilt from the view, so every spelling of an op (``nn.Conv2d``,
   ``F.conv2d``, ATen) shares one signature and one measurement. Cat, softmax, reduce and
-  other ops are copied into a one-node graph. Views, identities and bookkeeping cost 0.
+  other ops (shape ops included) are copied into a one-node graph. Identities, bookkeeping and
+  views of run-time sizes cost 0 (see :func:`is_free`).
   MACs, bytes and parameters come from the ``flops`` model.
 * ``graph_cost(gm)``: one row per node as above; the total is the whole graph measured
   at once (``total="graph"``, the default) or the sum of the rows (``total="nodes"``). The
@@ -32,21 +33,22 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from hant.cost_models.base import COMPUTE_SKIP_KINDS, Cost, CostReport, CostRow, NodeSumCostModel, register
+from hant.cost_models.base import _target_name
 from hant.cost_models.flops import FlopsModel
 from hant.cost_models.roofline import roofline_kind
 from hant.cost_models.store import LatencyStore, canonical_json
 from hant.cost_models.timing import Runtime, Timing, TimingConfig, runtime_for
 from hant.errors import CostModelError
 from hant.graphs.ops import (
-    activation_of, add_of, batchnorm_of, conv_of, layernorm_of, linear_of, matmul_of, mul_of, op_kind,
+    activation_of, add_of, batchnorm_of, constant_of, conv_of, layernorm_of, linear_of, matmul_of, mul_of, op_kind,
     output_dtype, output_shape, pool_of, tensor_meta,
 )
 
 __all__ = ["MeasuredModel", "op_signature", "is_free", "build_op", "graph_key", "parse_spec", "FREE_KINDS",
            "OP_TIMING", "GRAPH_TIMING"]
 
-# Kinds that move no arithmetic: priced 0 without measuring.
-FREE_KINDS = frozenset({"identity", "shape"}) | COMPUTE_SKIP_KINDS
+# Kinds priced 0 without measuring: bookkeeping and ops that return their input unchanged.
+FREE_KINDS = frozenset({"identity"}) | COMPUTE_SKIP_KINDS
 # Kinds rebuilt from their op view; anything else measurable is copied as a one-node graph.
 VIEW_KINDS = ("conv", "linear", "batchnorm", "layernorm", "activation", "add", "mul", "pool", "matmul")
 
@@ -69,8 +71,8 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def _view_attrs(kind: str, node: Node) -> tuple[list[Any], dict] | None:
-    """The operand nodes and attributes of a node of a view kind, or None when the view misses."""
+def _view_attrs(kind: str, node: Node) -> tuple[list[Any], dict]:
+    """The operand nodes and attributes of a node whose ``op_kind`` is one of :data:`VIEW_KINDS`."""
     if kind == "conv":
         v = conv_of(node)
         return [v.input], dict(weight_shape=list(v.weight_shape), stride=list(v.stride), padding=_as_list(v.padding),
@@ -100,17 +102,8 @@ def _view_attrs(kind: str, node: Node) -> tuple[list[Any], dict] | None:
                                stride=list(v.stride), padding=list(v.padding), dilation=list(v.dilation),
                                ceil_mode=v.ceil_mode, count_include_pad=v.count_include_pad,
                                divisor_override=v.divisor_override, output_size=_as_list(v.output_size))
-    if kind == "matmul":
-        v = matmul_of(node)
-        return [a for a in (v.lhs, v.rhs) if isinstance(a, Node)], {}
-    return None
-
-
-def _target_name(node: Node) -> str:
-    if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(node.target)).__name__
-    target = node.target
-    return str(target) if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
+    v = matmul_of(node)
+    return [a for a in (v.lhs, v.rhs) if isinstance(a, Node)], {}
 
 
 def _generic_attrs(node: Node) -> dict:
@@ -126,9 +119,16 @@ def _generic_attrs(node: Node) -> dict:
 
 
 def is_free(node: Node) -> bool:
-    """True for nodes priced 0 without measuring: :data:`FREE_KINDS` (views, identities, bookkeeping)
-    and nodes that produce no tensor (``torch.export`` guards, asserts)."""
-    return op_kind(node) in FREE_KINDS or tensor_meta(node) is None
+    """True for nodes priced 0 without measuring: :data:`FREE_KINDS` (identities, bookkeeping), nodes
+    that produce no tensor (sizes, ``torch.export`` guards, asserts), and shape ops that pick from a
+    tuple or read sizes known only at run time (``getitem`` of a ``chunk``, ``x.view(n, -1)``).
+
+    Other shape ops (permute, flatten, transpose, ...) are measured: onnxruntime runs them as
+    real kernels (a Transpose copies), eager torch pays their dispatch."""
+    kind = op_kind(node)
+    if kind in FREE_KINDS or tensor_meta(node) is None:
+        return True
+    return kind == "shape" and any(output_shape(a) is None for a in node.all_input_nodes)
 
 
 def op_signature(node: Node) -> dict | None:
@@ -140,11 +140,10 @@ def op_signature(node: Node) -> dict | None:
     if is_free(node):
         return None
     kind = op_kind(node)
-    described = _view_attrs(kind, node) if kind in VIEW_KINDS else None
-    if described is None:
-        operands, attrs = [a for a in node.all_input_nodes], _generic_attrs(node)
+    if kind in VIEW_KINDS:
+        operands, attrs = _view_attrs(kind, node)
     else:
-        operands, attrs = described
+        operands, attrs = list(node.all_input_nodes), _generic_attrs(node)
     shapes = [_shape(a) for a in operands]
     if not operands or any(s is None for s in shapes):
         return None
@@ -159,8 +158,7 @@ def graph_key(gm: GraphModule) -> str:
     entries = []
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
-        what = op_signature(node) or dict(op=node.op, target=_target_name(node) if node.op != "output" else "output",
-                                          shape=_shape(node))
+        what = op_signature(node) or dict(op=node.op, target=_target_name(node), shape=_shape(node))
         entries.append([what, [index[a] for a in node.all_input_nodes]])
     return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
 
@@ -246,7 +244,10 @@ def _one_node_graph(node: Node) -> nn.Module:
     env: dict[Node, Node] = {}
     for i, a in enumerate(node.all_input_nodes):
         if a.op == "get_attr":
-            attrs[a.target] = copy.deepcopy(_getattr_path(owner, a.target))
+            value = constant_of(a)
+            if value is None:
+                raise CostModelError(f"{node.name} reads {a.target}, which is not a tensor; it cannot be copied alone")
+            attrs[a.target] = copy.deepcopy(value)
             env[a] = graph.get_attr(a.target)
         else:
             env[a] = graph.placeholder(f"input_{i}")
@@ -255,12 +256,6 @@ def _one_node_graph(node: Node) -> nn.Module:
     copied = graph.node_copy(node, lambda a: env[a])
     graph.output(copied)
     return GraphModule(attrs, graph, "one_op")
-
-
-def _getattr_path(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _example(shape: list[int], dtype_name: str) -> torch.Tensor:
@@ -279,7 +274,7 @@ def build_op(node: Node, signature: dict | None = None) -> tuple[nn.Module, tupl
     if signature is None:
         raise CostModelError(f"node {node.name} ({op_kind(node)}) has no measurable op; run shape propagation "
                              "(hant.trace) first, or price it 0")
-    if signature["kind"] in VIEW_KINDS and "target" not in signature["attrs"]:
+    if signature["kind"] in VIEW_KINDS:
         module = _module_from_signature(signature)
         inputs = tuple(_example(s, signature["dtype"]) for s in signature["input_shapes"])
         dtype = getattr(torch, signature["dtype"], torch.float32)
@@ -363,7 +358,7 @@ class MeasuredModel(NodeSumCostModel):
         try:
             module, inputs = build_op(node, signature)
             timing = self.runtime.time(module, inputs, self.op_timing)
-        except (CostModelError, RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # any failure to rebuild, export or run the op alone: price it 0, say why
             return 0.0, f"{node.name} ({kind}): could not be measured alone, priced 0 ({str(exc).splitlines()[0]})"
         counted = self._counts.node_cost(node)
         self.store.put_op(signature, self.key, timing.median_s, timing.spread, counted.macs, counted.bytes,

@@ -104,7 +104,8 @@ class NetworkRecord:
     """One sampled network measured whole (and, optionally, node by node).
 
     ``node_latencies`` maps the node names of ``hant.trace(build(spec), torch.randn(input_shape))``
-    to each node's isolated latency; None when nodes were not measured.
+    (in graph order; placeholders and the output left out) to each node's latency alone;
+    None when nodes were not measured.
     """
     spec: dict
     input_shape: tuple
@@ -151,6 +152,9 @@ CREATE TABLE IF NOT EXISTS networks (
 CREATE INDEX IF NOT EXISTS ops_kind ON ops (kind, runtime, device);
 """
 
+# Connections inherited from a parent process, kept open on purpose (see LatencyStore._connection).
+_INHERITED: list[sqlite3.Connection] = []
+
 _KEY_COLUMNS = ("runtime", "runtime_version", "threads", "device")
 
 
@@ -190,6 +194,10 @@ class LatencyStore:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        if self._conn is not None:
+            # Inherited through fork: never close it here (closing could checkpoint and remove the WAL
+            # the parent is using), only keep it from being garbage-collected and open our own.
+            _INHERITED.append(self._conn)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -266,10 +274,11 @@ class LatencyStore:
 
     def calibration_samples(self, runtime: str | None = None, device: str | None = None,
                             threads: int | None = None) -> Iterator[tuple[str, int, int, float]]:
-        """``(cost_kind, macs, bytes, latency_s)`` for every stored op whose MACs and bytes are known;
-        the input ``RooflineModel.calibrate`` takes."""
+        """``(cost_kind, macs, bytes, latency_s)`` for every stored op whose MACs and bytes are known
+        and not both 0 (a roofline prices ops with no work at 0); the input ``RooflineModel.calibrate``
+        takes."""
         for record in self.ops(runtime=runtime, device=device, threads=threads):
-            if record.macs is not None and record.bytes is not None:
+            if record.macs is not None and record.bytes is not None and (record.macs or record.bytes):
                 yield record.cost_kind, record.macs, record.bytes, record.latency_s
 
     # ------------------------------------------------------------ whole graphs
@@ -293,7 +302,7 @@ class LatencyStore:
                     node_latencies: dict[str, float] | None = None) -> None:
         """Store (or replace) a network measurement; committed on return."""
         _check_latency(latency_s)
-        nodes = canonical_json(node_latencies) if node_latencies is not None else None
+        nodes = json.dumps(node_latencies) if node_latencies is not None else None      # keeps graph order
         self._write("INSERT OR REPLACE INTO networks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (spec_key(spec), canonical_json(spec), canonical_json(list(input_shape)), *_key_values(key),
                      float(latency_s), *_spread_values(spread), nodes, time.time()))

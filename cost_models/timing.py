@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -188,7 +189,7 @@ class Runtime:
         raise NotImplementedError
 
     def time(self, module: nn.Module, inputs: tuple, config: TimingConfig = TimingConfig()) -> Timing:
-        """Measure ``module(*inputs)`` (the module is copied to the runtime, never changed)."""
+        """Measure ``module(*inputs)``; the module is run (or exported) as it is, never changed."""
         return measure(self.block(module, tuple(inputs)), config)
 
     def describe(self) -> str:
@@ -196,7 +197,8 @@ class Runtime:
 
 
 class TorchRuntime(Runtime):
-    """Eager PyTorch on the CPU under ``torch.no_grad``, timed by ``torch.utils.benchmark.Timer``."""
+    """Eager PyTorch on the CPU under ``torch.no_grad``, timed by ``torch.utils.benchmark.Timer`` with
+    ``num_threads=threads``; one sample is one ``Timer.timeit(number)`` (which warms up on its own first)."""
     name = "torch"
 
     def block(self, module, inputs):
@@ -215,7 +217,10 @@ def export_onnx_bytes(module: nn.Module, inputs: tuple, opset: int = 17) -> byte
     buffer = io.BytesIO()
     names = [f"input_{i}" for i in range(len(inputs))]
     try:
-        with torch.no_grad():
+        # Not under no_grad: that would select fused inference fast paths (e.g. nn.MultiheadAttention's
+        # _native_multi_head_attention) that have no ONNX export.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about constants: the shapes are fixed on purpose
             torch.onnx.export(module, tuple(inputs), buffer, dynamo=False, opset_version=opset,
                               input_names=names, do_constant_folding=True)
     except Exception as exc:

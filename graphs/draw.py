@@ -50,7 +50,7 @@ def to_dot(gm: GraphModule, *, shares: Mapping[str, float] | None = None, includ
     also draws weight and constant nodes.
     """
     graph = to_networkx(gm, include_get_attr=include_get_attr)
-    shares = dict(shares or {})
+    shares = {name: float(share) for name, share in (shares or {}).items() if name in graph}
     largest = max(shares.values(), default=0.0)
     lines = [f"digraph {_quote(graph.graph['name'])} {{",
              "  rankdir=TB;",

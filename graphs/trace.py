@@ -8,6 +8,7 @@ with module names kept). Models that symbolic tracing cannot take are captured w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import linecache
@@ -102,15 +103,28 @@ def _export(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     return program.module()
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module):
+    """Restore every buffer's value on exit: a run in train mode must not move BatchNorm statistics."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphModule:
     """Fill ``node.meta["tensor_meta"]`` of every node by running ``gm`` on the inputs.
 
-    Runs under ``torch.no_grad``; raises :class:`InputError` when the inputs do not run.
-    Returns ``gm`` for chaining.
+    Runs under ``torch.no_grad`` and leaves ``gm``'s state as it found it (a train-mode
+    BatchNorm's running statistics are restored after the run). Raises :class:`InputError`
+    when the inputs do not run. Returns ``gm`` for chaining.
     """
     inputs = as_input_tuple(example_inputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_kept(gm):
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # the model's own error, wrapped
         raise InputError(f"the example inputs do not run through the graph: {exc}") from exc
@@ -119,7 +133,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.
 
 def _check_runs(model: torch.nn.Module, inputs: tuple) -> None:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_kept(model):
             model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
@@ -177,7 +191,9 @@ def trace(
 
     lines = []
     for how, exc in failures:
-        cause = exc.__cause__ if isinstance(exc, InputError) and exc.__cause__ else exc
+        cause = exc
+        while cause.__cause__ is not None:  # the innermost error names the model's own line
+            cause = cause.__cause__
         where = _user_frame(cause)
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         lines.append(f"  {how} failed{(' at ' + where) if where else ''}: {type(cause).__name__}: {first}")

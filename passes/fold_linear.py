@@ -176,7 +176,7 @@ class FoldLinear(Pass):
     # ------------------------------------------------------------ building expressions
 
     def _expr(self, node: Node, exprs: dict[Node, _Expr | None]) -> _Expr | None:
-        if node.op not in ("call_module", "call_function", "call_method"):
+        if node.op not in ("call_module", "call_function", "call_method") or _static_shape(node) is None:
             return None
         summed = add_of(node)
         if summed is not None and not summed.inplace and _runtime(summed.lhs) and _runtime(summed.rhs):
@@ -451,17 +451,17 @@ def _module_for(m: AffineMap, dtype: torch.dtype, device: torch.device) -> tuple
     if isinstance(m, LinearMap):
         has_bias = bool(m.bias.any())
         module = nn.Linear(m.in_channels, m.out_channels, bias=has_bias, device="meta")
-        module.weight = nn.Parameter(m.weight.to(dtype=dtype, device=device))
+        module.weight = nn.Parameter(m.weight.to(dtype=dtype, device=device).clone())
         if has_bias:
-            module.bias = nn.Parameter(m.bias.to(dtype=dtype, device=device))
+            module.bias = nn.Parameter(m.bias.to(dtype=dtype, device=device).clone())
         return module, f"one linear {m.in_channels}->{m.out_channels}"
     n = m.spatial_dims
     has_bias = not m.has_bias_map and bool(m.const.any())
     module = _CONV_MODULES[n](m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                               dilation=m.dilation, groups=m.groups, bias=has_bias, device="meta")
-    module.weight = nn.Parameter(m.weight.to(dtype=dtype, device=device))
+    module.weight = nn.Parameter(m.weight.to(dtype=dtype, device=device).clone())
     if has_bias:
-        module.bias = nn.Parameter(m.const.to(dtype=dtype, device=device))
+        module.bias = nn.Parameter(m.const.to(dtype=dtype, device=device).clone())
     kernel = "x".join(str(k) for k in m.kernel_size)
     return module, f"one {kernel} conv {m.in_channels}->{m.out_channels} (groups {m.groups})"
 

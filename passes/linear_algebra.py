@@ -1,6 +1,8 @@
 """Exact algebra of linear (affine) tensor maps, for folding chains and branch sums.
 
-Two families of affine maps are modelled, both computed in float64:
+Two families of affine maps are modelled. Maps built from a single op hold that op's
+tensors as they are (no copy: most ops are never folded); every composed or summed map
+is computed in float64:
 
 * :class:`ConvMap`: ``y = conv(x, W, stride, padding, dilation, groups) + c`` on a
   ``(N, C, *spatial)`` tensor with zero padding. ``c`` is a per-channel bias ``(Cout,)``
@@ -29,6 +31,11 @@ __all__ = ["ConvMap", "LinearMap", "AffineMap", "compose", "add", "conv_map", "d
 
 _F64 = torch.float64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """The algebra runs in float64 on the CPU, whatever device the model lives on."""
+    return t.to(device="cpu", dtype=_F64)
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,9 @@ class ConvMap:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluate the map (for tests and for computing constant maps)."""
-        w = self.weight.to(x.dtype)
+        w = self.weight.to(device=x.device, dtype=x.dtype)
         y = _CONV[self.spatial_dims](x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        c = self.const.to(x.dtype)
+        c = self.const.to(device=x.device, dtype=x.dtype)
         return y + (c if self.has_bias_map else c.view(-1, *[1] * self.spatial_dims))
 
 
@@ -106,20 +113,19 @@ AffineMap = ConvMap | LinearMap
 
 def conv_map(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int,
              in_size, out_size) -> ConvMap:
-    """A ConvMap for an ordinary zero-padded convolution."""
-    w = weight.detach().to(_F64)
+    """A ConvMap for an ordinary zero-padded convolution (a view of its tensors, never written to)."""
+    w = weight.detach()
     cout = w.shape[0]
     blocks = w.reshape(groups, cout // groups, *w.shape[1:])
-    const = bias.detach().to(_F64).clone() if bias is not None else torch.zeros(cout, dtype=_F64)
+    const = bias.detach() if bias is not None else torch.zeros(cout, dtype=_F64)
     return ConvMap(blocks, tuple(stride), tuple(padding), tuple(dilation), const, tuple(in_size), tuple(out_size))
 
 
 def diagonal_conv_map(scale: torch.Tensor, shift: torch.Tensor, size) -> ConvMap:
     """Per-channel ``y = scale * x + shift`` as a depthwise 1x..x1 ConvMap."""
     n = len(size)
-    scale, shift = scale.detach().to(_F64), shift.detach().to(_F64)
-    blocks = scale.reshape(-1, 1, 1, *[1] * n).clone()
-    return ConvMap(blocks, (1,) * n, (0,) * n, (1,) * n, shift.clone(), tuple(size), tuple(size))
+    blocks = _f64(scale.detach()).reshape(-1, 1, 1, *[1] * n)
+    return ConvMap(blocks, (1,) * n, (0,) * n, (1,) * n, _f64(shift.detach()), tuple(size), tuple(size))
 
 
 def identity_conv_map(channels: int, size) -> ConvMap:
@@ -137,13 +143,14 @@ def avg_pool_conv_map(channels: int, kernel, stride, padding, divisor: int | Non
 
 
 def linear_map(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearMap:
-    w = weight.detach().to(_F64).clone()
-    b = bias.detach().to(_F64).clone() if bias is not None else torch.zeros(w.shape[0], dtype=_F64)
+    """A LinearMap for ``nn.Linear`` (a view of its tensors, never written to)."""
+    w = weight.detach()
+    b = bias.detach() if bias is not None else torch.zeros(w.shape[0], dtype=_F64)
     return LinearMap(w, b)
 
 
 def diagonal_linear_map(scale: torch.Tensor, shift: torch.Tensor) -> LinearMap:
-    return LinearMap(torch.diag(scale.detach().to(_F64)), shift.detach().to(_F64).clone())
+    return LinearMap(torch.diag(_f64(scale.detach())), _f64(shift.detach()))
 
 
 def identity_linear_map(features: int) -> LinearMap:
@@ -197,7 +204,8 @@ def compose(first: AffineMap, second: AffineMap) -> AffineMap | str:
     if first.out_channels != second.in_channels:
         return f"channel counts differ ({first.out_channels} vs {second.in_channels})"
     if isinstance(first, LinearMap):
-        return LinearMap(second.weight @ first.weight, second.weight @ first.bias + second.bias)
+        w2 = _f64(second.weight)
+        return LinearMap(w2 @ _f64(first.weight), w2 @ _f64(first.bias) + _f64(second.bias))
     return _compose_conv(first, second)
 
 
@@ -223,8 +231,8 @@ def _compose_conv(a: ConvMap, b: ConvMap) -> ConvMap | str:
         stride.append(a.stride[d] * b.stride[d])
         padding.append(a.padding[d] + a.stride[d] * b.padding[d])
     g = math.gcd(a.groups, b.groups)
-    wa = _regroup(a.blocks, g)
-    wb = _regroup(b.blocks, g)
+    wa = _regroup(_f64(a.blocks), g)
+    wb = _regroup(_f64(b.blocks), g)
     wa = _dilate(wa, tuple(max(a.dilation[d] // steps[d], 1) if ka[d] > 1 else 1 for d in range(n)))
     out = wa.new_zeros(g, wb.shape[1], wa.shape[2], *size)
     span = wa.shape[3:]
@@ -233,12 +241,12 @@ def _compose_conv(a: ConvMap, b: ConvMap) -> ConvMap | str:
         where = (slice(None),) * 3 + tuple(slice(s, s + w) for s, w in zip(start, span))
         out[where] += torch.einsum("gom,gmi...->goi...", wb[(Ellipsis,) + tuple(tap)], wa)
     if a.has_bias_map or b.has_bias_map or (any(b.padding) and bool(a.const.any())):
-        image = _expand_const(a).unsqueeze(0)
+        image = _f64(_expand_const(a)).unsqueeze(0)
         const = b.apply(image)[0]
     else:
-        per_tap = b.blocks.sum(dim=tuple(range(3, 3 + n)))            # (gb, co, m)
-        ca = a.const.view(b.groups, -1, 1)                               # (gb, m, 1)
-        const = torch.bmm(per_tap, ca).reshape(-1) + b.const
+        per_tap = _f64(b.blocks).sum(dim=tuple(range(3, 3 + n)))     # (gb, co, m)
+        ca = _f64(a.const).view(b.groups, -1, 1)                         # (gb, m, 1)
+        const = torch.bmm(per_tap, ca).reshape(-1) + _f64(b.const)
     return ConvMap(out, tuple(stride), tuple(padding), tuple(steps), const,
                    a.in_size, b.out_size)
 
@@ -252,7 +260,7 @@ def add(a: AffineMap, b: AffineMap, alpha: float = 1.0) -> AffineMap | str:
     if a.in_channels != b.in_channels or a.out_channels != b.out_channels:
         return "the branches have different channel counts"
     if isinstance(a, LinearMap):
-        return LinearMap(a.weight + alpha * b.weight, a.bias + alpha * b.bias)
+        return LinearMap(_f64(a.weight) + alpha * _f64(b.weight), _f64(a.bias) + alpha * _f64(b.bias))
     return _add_conv(a, b, alpha)
 
 
@@ -283,14 +291,14 @@ def _add_conv(a: ConvMap, b: ConvMap, alpha: float) -> ConvMap | str:
         offsets[0].append((starts[0] - lo) // unit)
         offsets[1].append((starts[1] - lo) // unit)
     g = math.gcd(a.groups, b.groups)
-    out = a.blocks.new_zeros(g, a.out_channels // g, a.in_channels // g, *size)
+    out = torch.zeros(g, a.out_channels // g, a.in_channels // g, *size, dtype=_F64)
     for m, offs, scale in ((a, offsets[0], 1.0), (b, offsets[1], alpha)):
         steps = tuple(m.dilation[d] // units[d] if m.kernel_size[d] > 1 else 1 for d in range(n))
-        w = _dilate(_regroup(m.blocks, g), steps)
+        w = _dilate(_regroup(_f64(m.blocks), g), steps)
         where = (slice(None),) * 3 + tuple(slice(o, o + s) for o, s in zip(offs, w.shape[3:]))
         out[where] += scale * w
     if a.has_bias_map or b.has_bias_map:
-        const = _expand_const(a) + alpha * _expand_const(b)
+        const = _f64(_expand_const(a)) + alpha * _f64(_expand_const(b))
     else:
-        const = a.const + alpha * b.const
+        const = _f64(a.const) + alpha * _f64(b.const)
     return ConvMap(out, a.stride, tuple(padding), tuple(units), const, a.in_size, a.out_size)

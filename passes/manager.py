@@ -33,9 +33,10 @@ from typing import Any, Iterable
 import torch
 from tabulate import tabulate
 from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
 
 from hant.errors import InputError, PassError
-from hant.graphs.trace import as_input_tuple, propagate_shapes
+from hant.graphs.trace import as_input_tuple
 from hant.passes.base import Decision, Pass, PassContext, resolve
 
 __all__ = ["PassManager", "PassReport", "PassRow", "ManagerResult", "compare_outputs", "flatten_outputs"]
@@ -112,9 +113,18 @@ class PassReport:
 
 @dataclass
 class ManagerResult:
+    """``graph_module``: the rewritten module; ``report``: what happened; ``modified``: whether anything changed.
+
+    ``cost_before``/``cost_after``: the cost model's reports of the input and the result
+    (None without a cost model). ``max_error``: max over outputs of
+    ``max|result - input| / max|input|`` on the check inputs (None without them).
+    """
     graph_module: GraphModule
     report: PassReport
     modified: bool
+    cost_before: Any = None
+    cost_after: Any = None
+    max_error: float | None = None
 
 
 # ---------------------------------------------------------------- output comparison
@@ -172,10 +182,26 @@ def _tensors(gm: GraphModule) -> list[torch.Tensor]:
            [t for _, t in gm.named_buffers(remove_duplicate=False)]
 
 
-def _structural_copy(gm: GraphModule) -> GraphModule:
-    """Copy the graph and module tree, sharing parameter and buffer tensors with ``gm``."""
-    memo = {id(t): t for t in _tensors(gm)}
-    return copy.deepcopy(gm, memo)
+def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy the module tree and graph, sharing parameter and buffer tensors with ``module``.
+
+    Every module object is new (its ``_modules``/``_parameters``/``_buffers`` dicts too), so a
+    pass may add, replace or delete submodules and tensors of the copy freely; the graph is
+    deep-copied. Much cheaper than ``copy.deepcopy`` of the whole GraphModule.
+    """
+    if isinstance(module, GraphModule):
+        new = GraphModule.__new__(type(module))  # its own singleton class, as GraphModule wants
+        new.__dict__.update(module.__dict__)
+    else:
+        new = copy.copy(module)
+    new._modules = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    if isinstance(module, GraphModule):
+        new.meta = dict(module.meta)
+        new.graph = copy.deepcopy(module.graph)  # sets owning_module and recompiles
+    return new
 
 
 def _signature(gm: GraphModule) -> set[tuple]:
@@ -201,8 +227,9 @@ def _inputs_from_meta(gm: GraphModule) -> tuple:
 
 
 def _run(gm: GraphModule, inputs: tuple) -> Any:
+    """Run ``gm`` once, filling ``tensor_meta`` on every node on the way; return its outputs."""
     with torch.no_grad():
-        return gm(*inputs)
+        return ShapeProp(gm).propagate(*inputs)
 
 
 # ---------------------------------------------------------------- the manager
@@ -243,8 +270,8 @@ class PassManager:
             instances.append(instance)
         return instances
 
-    def _cost(self, gm: GraphModule) -> float | None:
-        return None if self.cost_model is None else float(self.cost_model.graph_cost(gm).latency_s)
+    def _cost(self, gm: GraphModule):
+        return None if self.cost_model is None else self.cost_model.graph_cost(gm)
 
     def __call__(self, gm: GraphModule) -> ManagerResult:
         if not isinstance(gm, GraphModule):
@@ -252,10 +279,13 @@ class PassManager:
                             "capture the model with hant.trace(model, example_inputs) first")
         current = copy.deepcopy(gm)
         inputs = self.check_inputs if self.check_inputs is not None else _inputs_from_meta(current)
-        propagate_shapes(current, inputs)
-        reference = None
+        try:
+            first = _run(current, inputs)
+        except Exception as exc:
+            raise InputError(f"the check inputs do not run through the graph: {type(exc).__name__}: {exc}") from exc
+        reference = original = None
         if self.check_inputs is not None:
-            reference = _run(current, inputs)
+            reference = original = first
             ok, _, why = compare_outputs(reference, _run(current, inputs), 0.0, 0.0)
             if not ok:
                 raise PassError(f"the model's outputs differ between two runs on the same inputs ({why}); "
@@ -265,14 +295,14 @@ class PassManager:
         passes = self._instances(context)
         report = PassReport(cost_model=getattr(self.cost_model, "name", "") if self.cost_model else "")
         seen_decisions: set[Decision] = set()
-        cost_now = self._cost(current)
+        cost_report = cost_first = self._cost(current)
         any_modified = False
         iterations = self.max_iterations if self.fixed_point else 1
         for iteration in range(1, iterations + 1):
             changed_this_round = False
             for pass_ in passes:
-                current, reference, cost_now, row, decisions = self._run_one(
-                    pass_, iteration, current, inputs, reference, cost_now, context)
+                current, reference, cost_report, row, decisions = self._run_one(
+                    pass_, iteration, current, inputs, reference, cost_report, context)
                 report.rows.append(row)
                 for decision in decisions:
                     if decision not in seen_decisions:
@@ -282,11 +312,19 @@ class PassManager:
                     changed_this_round = any_modified = True
             if not changed_this_round:
                 break
-        return ManagerResult(current, report, any_modified)
+        max_error = None
+        if original is not None:
+            _, max_error, _ = compare_outputs(original, reference, self.rtol, self.atol)
+        return ManagerResult(current, report, any_modified, cost_first, cost_report, max_error)
 
     def _run_one(self, pass_: Pass, iteration: int, current: GraphModule, inputs: tuple, reference: Any,
-                 cost_before: float | None, context: PassContext):
-        """Run one pass on a copy of ``current``; return the module to keep and the report row."""
+                 cost_report: Any, context: PassContext):
+        """Run one pass on a copy of ``current``.
+
+        Returns the module to keep, its outputs on the inputs, its cost report, the report
+        row and the pass's decisions.
+        """
+        cost_before = cost_report.latency_s if cost_report is not None else None
         work = _structural_copy(current)
         before_signature = _signature(current)
         versions = [(t, t._version) for t in _tensors(current)]
@@ -308,17 +346,18 @@ class PassManager:
             after_signature = _signature(result_module)
             nodes_changed = len(before_signature ^ after_signature)
             modified = modified or nodes_changed > 0
-        max_error, cost_after, outputs = None, cost_before, reference
+        max_error, cost_after, outputs = None, cost_report, reference
         if not failure and modified:
             try:
                 result_module.graph.lint()
                 result_module.recompile()
-                propagate_shapes(result_module, inputs)
+                outputs = _run(result_module, inputs)  # also re-propagates shapes
                 if reference is not None:
-                    outputs = _run(result_module, inputs)
                     ok, max_error, why = compare_outputs(reference, outputs, self.rtol, self.atol)
                     if not ok and pass_.exact:
                         failure = f"broke numerics: {why}"
+                else:
+                    outputs = None
                 if not failure:
                     cost_after = self._cost(result_module)
             except Exception as exc:
@@ -331,11 +370,12 @@ class PassManager:
                                              f"back ({failure}); was: {d.reason}") for d in decisions]
             row = PassRow(iteration, pass_.name, pass_.exact, modified, nodes_changed, cost_before, cost_before,
                           max_error, seconds, rolled_back=True, reason=failure)
-            return current, reference, cost_before, row, decisions
+            return current, reference, cost_report, row, decisions
         if not modified:
             row = PassRow(iteration, pass_.name, pass_.exact, False, 0, cost_before, cost_before, None, seconds)
-            return current, reference, cost_before, row, decisions
+            return current, reference, cost_report, row, decisions
         reason = "" if pass_.exact or max_error is None else f"lossy: output drift {max_error:.2e}"
-        row = PassRow(iteration, pass_.name, pass_.exact, True, nodes_changed, cost_before, cost_after, max_error,
-                      seconds, reason=reason)
+        latency_after = cost_after.latency_s if cost_after is not None else None
+        row = PassRow(iteration, pass_.name, pass_.exact, True, nodes_changed, cost_before, latency_after,
+                      max_error, seconds, reason=reason)
         return result_module, outputs, cost_after, row, decisions

@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule
 
 from hant.graphs.trace import as_input_tuple, trace
-from hant.passes.manager import PassManager, PassReport, compare_outputs
+from hant.passes.manager import PassManager, PassReport
 
 __all__ = ["optimize", "OptimizeResult"]
 
@@ -65,12 +65,5 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, passes: Any = "exac
     manager = PassManager(passes, cost=cost, check=inputs if check else None, rtol=rtol, atol=atol,
                           fixed_point=fixed_point, max_iterations=max_iterations)
     result = manager(gm)
-    module = result.graph_module
-    cost_model = manager.cost_model
-    cost_before = cost_model.graph_cost(gm) if cost_model is not None else None
-    cost_after = cost_model.graph_cost(module) if cost_model is not None else None
-    max_error = None
-    if check:
-        with torch.no_grad():
-            _, max_error, _ = compare_outputs(gm(*inputs), module(*inputs), rtol, atol)
-    return OptimizeResult(module, result.report, cost_before, cost_after, max_error)
+    return OptimizeResult(result.graph_module, result.report, result.cost_before, result.cost_after,
+                          result.max_error)

@@ -127,15 +127,25 @@ class _Affine:
 
 
 def _then_conv(acc: _Affine | None, view: ConvView) -> _Affine:
-    k = _dense_kernel(view)
-    b = view.bias.detach().to(_F64) if view.bias is not None else torch.zeros(k.shape[0], dtype=_F64)
+    b = view.bias.detach().to(_F64) if view.bias is not None else torch.zeros(view.out_channels, dtype=_F64)
     if acc is None:
-        return _Affine(k, b, tuple(view.stride), tuple(view.padding), {view.groups})
-    n = k.dim() - 2
+        return _Affine(_dense_kernel(view), b, tuple(view.stride), tuple(view.padding), {view.groups})
+    w = view.weight.detach().to(_F64)
+    if any(d != 1 for d in view.dilation):
+        w = _dense_kernel(view)
+        groups = 1
+    else:
+        groups = view.groups
+    n = w.dim() - 2
     transpose = getattr(F, f"conv_transpose{n}d")
-    # W[o, i] = sum_c sum_t k[o, c, t] * acc.W[c, i, u - S*t]: a transposed conv of acc.W by k
-    weight = transpose(acc.weight.transpose(0, 1), k.transpose(0, 1), dilation=acc.stride).transpose(0, 1)
-    bias = k.sum(dim=tuple(range(2, k.dim()))) @ acc.bias + b
+    # W[o, i] = sum_c sum_t w[o, c, t] * acc.W[c, i, u - S*t]: a transposed conv of acc.W by w.
+    # conv_transpose wants its weight as (in, out/groups, k): regroup w, never densify it.
+    og = w.shape[0] // groups
+    t_weight = torch.cat([w[j * og:(j + 1) * og].transpose(0, 1) for j in range(groups)])
+    weight = transpose(acc.weight.transpose(0, 1), t_weight, dilation=acc.stride, groups=groups).transpose(0, 1)
+    summed = w.sum(dim=tuple(range(2, w.dim())))                  # (out, in/groups)
+    ig = summed.shape[1]
+    bias = (summed.reshape(groups, og, ig) @ acc.bias.reshape(groups, ig, 1)).reshape(-1) + b
     padding = tuple(p + q * s for p, q, s in zip(acc.padding, view.padding, acc.stride))
     stride = tuple(s * t for s, t in zip(acc.stride, view.stride))
     return _Affine(weight, bias, stride, padding, acc.groups | {view.groups})
@@ -225,36 +235,66 @@ def node_price(cost: Any, nodes: Iterable[Node]) -> tuple[float, float]:
     return lat, macs
 
 
-def _segment_price(cost: Any, views: list, nodes: list[Node]) -> tuple[tuple[float, float], nn.Module] | None:
-    """Price of the merged conv of ``nodes`` (None when the merge is impossible or changes the shape)."""
+def _segment_shape(views: list) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int, int, int]:
+    """Kernel, stride, relocated padding, in/out channels and groups of the merged conv, from shapes only."""
+    convs = [v for v in views if isinstance(v, ConvView)]
+    n = convs[0].spatial_dims
+    kernel, stride, padding = (1,) * n, (1,) * n, (0,) * n
+    for v in convs:
+        k_eff = tuple(d * (k - 1) + 1 for d, k in zip(v.dilation, v.kernel_size))
+        kernel = tuple(a + (k - 1) * s for a, k, s in zip(kernel, k_eff, stride))
+        padding = tuple(p + q * s for p, q, s in zip(padding, v.padding, stride))
+        stride = tuple(s * t for s, t in zip(stride, v.stride))
+    groups = {v.groups for v in convs}
+    return kernel, stride, padding, convs[0].in_channels, convs[-1].out_channels, groups.pop() if len(groups) == 1 else 1
+
+
+def _empty_conv(kernel, stride, padding, cin, cout, groups, dtype) -> nn.Module:
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(kernel)]
+    conv = conv_cls(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=True, device="meta",
+                    dtype=dtype)
+    return conv.to_empty(device="cpu")
+
+
+def _segment_price(cost: Any, views: list, nodes: list[Node]) -> tuple[float, float] | None:
+    """Price of the merged conv of ``nodes`` from its shape alone (no weights are composed);
+    None when the merge is impossible or would change the output shape."""
     in_shape, out_shape = output_shape(_data_input(nodes[0])), output_shape(nodes[-1])
     dtype = output_dtype(nodes[-1]) or torch.float32
     if in_shape is None or out_shape is None or not any(isinstance(v, ConvView) for v in views):
         return None
-    acc = _compose(views)
-    spatial = len(acc.stride)
-    expected = [(h + 2 * p - k) // s + 1 for h, p, k, s in
-                zip(in_shape[-spatial:], acc.padding, acc.weight.shape[2:], acc.stride)]
-    if list(out_shape[-spatial:]) != expected or out_shape[1] != acc.weight.shape[0]:
+    kernel, stride, padding, cin, cout, groups = _segment_shape(views)
+    spatial = len(stride)
+    expected = [(h + 2 * p - k) // s + 1 for h, p, k, s in zip(in_shape[-spatial:], padding, kernel, stride)]
+    if list(out_shape[-spatial:]) != expected or out_shape[1] != cout or in_shape[1] != cin:
         return None
-    module = _to_module(acc, dtype)
-    node = _one_op_graph(module, in_shape, dtype)
-    return node_price(cost, [node]), module
+    node = _one_op_graph(_empty_conv(kernel, stride, padding, cin, cout, groups, dtype), in_shape, dtype)
+    return node_price(cost, [node])
 
 
-def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True) -> ChainPlan:
+def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True, cache: dict | None = None) -> ChainPlan:
     """Choose, for every conv/BN chain of ``gm``, the segments whose merged conv is cheapest.
 
     Per chain, a dynamic program over split points minimises the summed price
     ``(latency_s, MACs)`` (latency first, MACs break ties, so a latency-free model such as
     ``flops`` still decides). A segment must start with a conv; with ``relocate=False`` it
     may hold no padded conv after its first op (its merge is then exact). Nodes need
-    ``tensor_meta``.
+    ``tensor_meta``. ``cache`` (a dict the caller keeps) remembers the split of every chain
+    by its node names: pass one only across graphs derived from the same traced graph, as
+    the nonlinearity-removal scorer does.
     """
     plan = ChainPlan()
     for path in chain_paths(gm, lambda n: affine_view(n) is not None):
         views = [affine_view(n) for n in path]
         if sum(isinstance(v, ConvView) for v in views) == 0 or len(path) < 2:
+            continue
+        key = (relocate, tuple(n.name for n in path))
+        if cache is not None and key in cache:
+            by_name = {n.name: n for n in path}
+            for names, reloc, before, after in cache[key]:
+                plan.segments.append(Segment(tuple(by_name[x] for x in names), reloc, before, after))
+            if not cache[key]:
+                plan.left.append((" + ".join(key[1]), "no merge is cheaper than the ops it replaces"))
             continue
         m = len(path)
         single = [node_price(cost, [n]) for n in path]
@@ -276,7 +316,7 @@ def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True) -> ChainPl
                     priced = _segment_price(cost, seg_views, seg_nodes)
                     if priced is None:
                         continue
-                    (lat, macs), _ = priced
+                    lat, macs = priced
                     before = node_price(cost, seg_nodes)
                     segment = Segment(tuple(seg_nodes), reloc, before, (lat, macs))
                     cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1] + [segment])
@@ -284,6 +324,9 @@ def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True) -> ChainPl
                     best[j] = cand
         chosen = best[m][1]
         plan.segments.extend(chosen)
+        if cache is not None:
+            cache[key] = [(tuple(n.name for n in seg.nodes), seg.relocated, seg.price_before, seg.price_after)
+                          for seg in chosen]
         if not chosen:
             plan.left.append((" + ".join(n.name for n in path), "no merge is cheaper than the ops it replaces"))
     return plan

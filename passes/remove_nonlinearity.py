@@ -106,13 +106,14 @@ def _exact_passes(gm: GraphModule, passes: str | None, cost: Any, inputs: tuple 
 
 
 def fold_chains(gm: GraphModule, cost: Any, *, relocate_padding: bool = True, exact_passes: str | None = "exact",
-                check_inputs: tuple | None = None) -> GraphModule:
+                check_inputs: tuple | None = None, plan_cache: dict | None = None) -> GraphModule:
     """A copy of ``gm`` with every conv chain merged where the cost model says it pays, then ``exact_passes``.
 
     ``gm`` needs ``tensor_meta``. With ``relocate_padding=False`` only exact merges happen.
+    ``plan_cache``: see :func:`hant.passes.relocate_padding.plan_chains`.
     """
     out = copy.deepcopy(gm)
-    plan = plan_chains(out, cost, relocate=relocate_padding)
+    plan = plan_chains(out, cost, relocate=relocate_padding, cache=plan_cache)
     merge(out, plan)
     if check_inputs is not None:
         propagate_shapes(out, check_inputs)
@@ -248,13 +249,14 @@ class _Scorer:
         self.relocate_padding, self.exact_passes = relocate_padding, exact_passes
         self.reference = _run(gm, batches)
         self.reference_metric = evaluate(gm) if evaluate is not None else None
+        self.plan_cache: dict = {}
 
     def latency(self, gm: GraphModule) -> float:
         return float(self.cost.graph_cost(gm).latency_s)
 
     def fold(self, lin: GraphModule) -> GraphModule:
         return fold_chains(lin, self.cost, relocate_padding=self.relocate_padding, exact_passes=self.exact_passes,
-                           check_inputs=self.example)
+                           check_inputs=self.example, plan_cache=self.plan_cache)
 
     def score(self, activations: Iterable[str]) -> dict:
         lin = linearise(self.gm, activations)

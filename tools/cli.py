@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 
+from hant import __version__
 from hant.errors import HantError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -23,13 +24,13 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 SUBCOMMANDS = (
     "hant.tools.cmd_inspect",
     "hant.tools.cmd_profile",
+    "hant.tools.cmd_fit",
+    "hant.tools.cmd_optimize",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand of :data:`SUBCOMMANDS` added."""
-    from hant import __version__
-
     parser = argparse.ArgumentParser(
         prog="hant",
         description="Hardware-aware network transformation: inspect and rewrite PyTorch graphs.",
@@ -60,7 +61,3 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("--cost", default="roofline:cpu", metavar="SPEC",
-                        help=f"cost-model spec (default roofline:cpu); known: {', '.join(available()) or 'none'}")
+                        help=f"cost-model spec, PREFIX or PREFIX:ARGUMENT (default roofline:cpu); prefixes: "
+                             f"{', '.join(available()) or 'none'}")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument("--top", type=_positive_int, metavar="N", help="show only the N slowest nodes")
     parser.add_argument("--dot", metavar="PATH",

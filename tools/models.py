@@ -4,7 +4,8 @@ A MODEL spec is one of:
 
 - ``torchvision:NAME``: a torchvision model with random weights (``weights=None``);
 - ``path/to/file.py:factory``: the nn.Module that ``factory()`` in that file returns;
-- ``path/to/model.pt``: an nn.Module saved whole with ``torch.save(module, path)``;
+- ``path/to/model.pt`` (or ``.pth``): an nn.Module saved whole with ``torch.save(module, path)``;
+  loading it unpickles, which runs code from the file: load only files you trust;
 - ``path/to/model.pt2``: a ``torch.export`` program saved with ``torch.export.save``;
 - nothing (``None``): the bundled example network of :mod:`hant.tools.examples`.
 

@@ -87,8 +87,8 @@ def train(kind: str, graphs: list[GraphFeatures], latency_s, *, config: dict | N
     """Fit a predictor of ``kind`` to graphs and their latencies in seconds.
 
     ``config`` overrides :data:`DEFAULT_CONFIG` (sizes, fusion profile, steps, lr, ...).
-    Full-batch Adam on the squared error of log latency with a cosine learning-rate decay;
-    deterministic for a given seed.
+    Adam on the squared error of log latency, over fixed mini-batches of ``batch_graphs``
+    graphs, with a cosine learning-rate decay; deterministic for a given seed.
     """
     if kind not in MODEL_KINDS:
         raise CostModelError(f"unknown learned model {kind!r}; use one of {', '.join(MODEL_KINDS)}")

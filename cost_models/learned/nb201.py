@@ -187,6 +187,8 @@ class NB201Family:
         gm = trace(skeleton, torch.zeros(input_shape(batch)), leaf_modules=[Cell])
         rows, producers, nodes = local_features(gm)
         parts = [rows]
+        self._nodes = list(nodes)    # the traced node behind every library row (traces kept alive)
+        self._graphs = [gm]
         # Skeleton entries: (library row, producers), or (-1 - stage, producers) for a cell slot.
         self._skeleton: list[tuple[int, list[int]]] = []
         for i, node in enumerate(nodes):
@@ -210,10 +212,14 @@ class NB201Family:
                 if op == "skip_connect":
                     self._adds.append(offset + next(k for k, n in enumerate(cell_nodes) if add_of(n) is not None))
                 parts.append(cell_rows)
+                self._nodes.extend(cell_nodes)
+                self._graphs.append(cell_gm)
                 offset += len(cell_rows)
             self._chains.append(chains)
         self._library = np.concatenate(parts)
         self._cache: dict[str, object] = {}
+        self._library_rows: dict[str, np.ndarray] = {}
+        self._row_costs: dict[str, np.ndarray] = {}
 
     def featurize(self, arch_str: str):
         """The :class:`~hant.cost_models.learned.features.GraphFeatures` of one network (cached)."""
@@ -254,11 +260,32 @@ class NB201Family:
         edges = finish(x, producers, [placed[i] for i in self._outputs])
         graph = GraphFeatures(x, edges)
         self._cache[arch_str] = graph
+        self._library_rows[arch_str] = np.asarray(library_rows, dtype=np.int32)
         return graph
+
+    def node_sum(self, cost_model, arch_str: str) -> np.ndarray:
+        """(latency_s, MACs, params, bytes) of a node-sum cost model (``flops``, ``roofline:...``) on a network.
+
+        Equals the model's ``graph_cost`` of the traced network: every assembled row is a traced
+        node, priced once per library row.
+        """
+        key = getattr(cost_model, "name", str(id(cost_model)))
+        costs = self._row_costs.setdefault(key, np.full((len(self._nodes), 4), np.nan))
+        self.featurize(arch_str)
+        rows = self._library_rows[arch_str]
+        for row in np.unique(rows[np.isnan(costs[rows, 0])]):
+            node = self._nodes[row]
+            if node.op == "placeholder":
+                costs[row] = 0.0
+                continue
+            c = cost_model.node_cost(node)
+            costs[row] = (c.latency_s, c.macs, c.params, c.bytes)
+        return costs[rows].sum(axis=0)
 
     def clear_cache(self) -> None:
         """Forget the featurised networks (they take about 40 kB each)."""
         self._cache.clear()
+        self._library_rows.clear()
 
 
 _FAMILIES: dict[tuple, NB201Family] = {}

@@ -39,33 +39,28 @@ def group_nodes(graph: GraphFeatures, fusion: str) -> np.ndarray:
         return group
     kinds = np.argmax(graph.x[:, :len(KINDS)], axis=1)
     src, dst = graph.edges
-    consumers = np.bincount(src, minlength=n)
-    producers = np.bincount(dst, minlength=n)
+    single = np.bincount(src, minlength=n)[src] == 1
     only_consumer = np.full(n, -1)
-    only_consumer[src[consumers[src] == 1]] = dst[consumers[src] == 1]
+    only_consumer[src[single]] = dst[single]
+    producers = np.bincount(dst, minlength=n)
     conv, linear, bn, act = (KINDS.index(k) for k in ("conv", "linear", "batchnorm", "activation"))
 
-    def follow(row: int, kind: int) -> int:
-        nxt = only_consumer[row]
-        return nxt if nxt >= 0 and kinds[nxt] == kind and producers[nxt] == 1 else -1
+    def follow(rows: np.ndarray, kind: int) -> np.ndarray:
+        """The sole consumer of each row when it is of ``kind`` and has no other input, else -1."""
+        nxt = only_consumer[rows]
+        ok = nxt >= 0
+        ok[ok] = (kinds[nxt[ok]] == kind) & (producers[nxt[ok]] == 1)
+        return np.where(ok, nxt, -1)
 
-    for row in range(n):
-        if kinds[row] in (conv, linear):
-            last = row
-            nxt = follow(last, bn)
-            if nxt >= 0:
-                group[nxt] = row
-                last = nxt
-            nxt = follow(last, act)
-            if nxt >= 0:
-                group[nxt] = row
-        elif kinds[row] == bn and group[row] == row:
-            prev = src[dst == row]
-            if len(prev) == 1 and kinds[prev[0]] in (conv, linear) and follow(prev[0], bn) == row:
-                continue  # absorbed by its convolution
-            nxt = follow(row, act)
-            if nxt >= 0:
-                group[nxt] = row
+    heads = np.flatnonzero((kinds == conv) | (kinds == linear))
+    norms = follow(heads, bn)
+    group[norms[norms >= 0]] = heads[norms >= 0]
+    last = np.where(norms >= 0, norms, heads)
+    acts = follow(last, act)
+    group[acts[acts >= 0]] = heads[acts >= 0]
+    lone = np.flatnonzero((kinds == bn) & (group == np.arange(n)))
+    acts = follow(lone, act)
+    group[acts[acts >= 0]] = lone[acts >= 0]
     return group
 
 

@@ -62,7 +62,7 @@ def device_vector(reference_latency_s) -> tuple[torch.Tensor, float]:
 
 
 def pretrain(archs: list[str], latency_s: np.ndarray, devices: list[str], family, references: list[str],
-             reference_latency_s: np.ndarray, *, hidden: int = 32, layers: int = 3, steps: int = 600,
+             reference_latency_s: np.ndarray, *, hidden: int = 16, layers: int = 2, steps: int = 400,
              batch_graphs: int = 128, lr: float = 5e-3, seed: int = 0) -> Pretrained:
     """Pre-train one GraphNet on several devices.
 

@@ -217,3 +217,15 @@ def test_missing_and_bad_predictor_files_raise(tmp_path):
 def test_unknown_model_kind_raises(slice_table):
     with pytest.raises(hant.CostModelError, match="unknown learned model"):
         fit_table(slice_table, "pixel3", train_size=10, model="xgboost")
+
+
+def test_cli_fit_from_a_table(slice_table, tmp_path, capsys):
+    from hant.tools.cli import main
+    out = tmp_path / "cli.pt"
+    assert main(["fit", "--table", slice_table, "--target", "pixel3", "--train-size", "30", "--model", "perop",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Kendall tau" in printed and f"learned:{out}" in printed
+    assert Predictor.load(out).metadata["target_column"] == "pixel3"
+    assert main(["fit", "--table", slice_table, "--target", "nope", "--out", str(out)]) == 2
+    assert "no column 'nope'" in capsys.readouterr().err

@@ -15,6 +15,15 @@ from hant.errors import CostModelError
 from hant.graphs.ops import op_kind
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Eager torch on one thread: two threads spin against each other on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_specs_are_deterministic_and_json():
     for seed in range(5):
         spec = sample_spec(random.Random(seed))
@@ -43,7 +52,7 @@ def _trace(spec):
     return model, gm
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(10))
 def test_tiny_networks_build_and_trace(seed):
     spec = sample_spec(seed, "tiny")
     model, gm = _trace(spec)
@@ -53,7 +62,7 @@ def test_tiny_networks_build_and_trace(seed):
     assert {"conv", "batchnorm", "activation", "pool", "linear"} <= kinds and "other" not in kinds
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_default_networks_build_and_trace(seed):
     spec = sample_spec(seed)
     _, gm = _trace(spec)

@@ -173,3 +173,8 @@ def test_user_model_is_untouched(method):
     assert all(p is parameters[name] for name, p in model.named_parameters())
     user_storage = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
     assert not user_storage & {t.data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
+    # the capture has the model's state too: shape propagation in train mode did not move the BN statistics
+    traced = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    assert traced.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(traced[name], value), f"traced {name} differs from the model's"

@@ -15,13 +15,18 @@ from hant.graphs.ops import batchnorm_of
 from hant.passes import PassManager
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
-SHAPE = (1, 3, 64, 64)
+SHAPE = (1, 3, 32, 32)  # small, to keep CI fast; every stage still has a spatial extent >= 1
 
 
 @pytest.fixture(autouse=True)
-def _no_grad():
+def _no_grad_one_thread():
+    # one intra-op thread: on the shared 2-core CI machine, two threads wait on each other (float64 depthwise
+    # convs ran 10x slower); numerics do not depend on it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.no_grad():
         yield
+    torch.set_num_threads(threads)
 
 
 def build(name, dtype=torch.float32):
@@ -92,7 +97,9 @@ def test_report_prints_as_a_table_with_every_pass(optimized):
 
 
 def test_goes_through_torch_export_and_compile(optimized):
-    _, model, _, x, result = optimized
+    name, model, _, x, result = optimized
+    if name not in ("resnet18", "mobilenet_v2"):
+        pytest.skip("torch.export/compile are checked on two of the networks to keep CI fast")
     want = model(x)
     exported = torch.export.export(result.module, (x,))
     assert max_rel_error(want, exported.module()(x)) <= 1e-4

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from hant import __version__
-from hant.tools.cli import SUBCOMMANDS, build_parser, main
+from hant.tools.cli import SUBCOMMANDS, main
 
 
 def _run(capsys, *argv):
@@ -24,12 +24,6 @@ def _run(capsys, *argv):
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
-
-
-def _subcommand_names():
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sorted(action.choices)
 
 
 # ------------------------------------------------------------------ the top level
@@ -49,16 +43,12 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
     assert code == 2 and "invalid choice: 'frobnicate'" in err
 
 
-def test_every_subcommand_module_adds_its_parser():
-    names = _subcommand_names()
-    assert "inspect" in names
-    for module_name in SUBCOMMANDS:
-        assert callable(importlib.import_module(module_name).add_parser)
-    assert len(names) == len(SUBCOMMANDS)
-
-
-@pytest.mark.parametrize("name", _subcommand_names())
-def test_every_subcommand_has_help(capsys, name):
+@pytest.mark.parametrize("module_name", SUBCOMMANDS)
+def test_every_subcommand_module_adds_one_subcommand_with_help(capsys, module_name):
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    importlib.import_module(module_name).add_parser(subparsers)
+    assert len(subparsers.choices) == 1
+    name = next(iter(subparsers.choices))
     code, out, _ = _run(capsys, name, "--help")
     assert code == 0 and f"usage: hant {name}" in out
 

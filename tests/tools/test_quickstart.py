@@ -51,6 +51,3 @@ def test_ci_runs_the_readme_test_command():
     lines = [line.strip() for line in run.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert "set -euo pipefail" in lines and lines[-1] == "make test"
 
-
-def test_readme_keeps_a_place_for_the_benchmark_table():
-    assert "<!-- BENCHMARK TABLE" in _section((ROOT / "README.md").read_text(), "Benchmarks")
