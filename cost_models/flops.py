@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn as nn
 from torch.fx import Node
 

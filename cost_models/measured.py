@@ -52,7 +52,7 @@ FREE_KINDS = frozenset({"identity"}) | COMPUTE_SKIP_KINDS
 # Kinds rebuilt from their op view; anything else measurable is copied as a one-node graph.
 VIEW_KINDS = ("conv", "linear", "batchnorm", "layernorm", "activation", "add", "mul", "pool", "matmul")
 
-OP_TIMING = TimingConfig(time_cap_s=0.5)
+OP_TIMING = TimingConfig(time_cap_s=0.3)
 GRAPH_TIMING = TimingConfig(time_cap_s=2.0)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -186,6 +186,7 @@ class CalibrationSummary:
     rms_log_error_after: float
     mape_before: float
     mape_after: float
+    ignored: int = 0    # samples of kinds the roofline prices at 0 (views, copies, ops moving nothing)
 
     def __str__(self) -> str:
         lines = [f"calibrated on {self.samples} samples: rms log error {self.rms_log_error_before:.3f} -> "
@@ -288,7 +289,10 @@ class RooflineModel(NodeSumCostModel):
         ``samples``: ``(kind, macs, bytes, latency_s)`` tuples (kinds as :func:`roofline_kind`
         names them), or any object with a ``calibration_samples()`` method that yields them.
         Kinds absent from the samples keep their constants; kinds the model has no entry
-        for get one. Samples are taken as float32 ops. Returns a :class:`CalibrationSummary`.
+        for get one. Samples are taken as float32 ops. Samples of ops the model prices at 0
+        (``shape``/``identity`` kinds, no MACs and no bytes) are left out and counted in the
+        summary's ``ignored``. Returns a :class:`CalibrationSummary`; raises
+        :class:`CostModelError`, leaving the model unchanged, on malformed or empty data.
 
         Method. For each kind, three positive constants are fitted: seconds per MAC
         ``a = 1/(peak*compute_efficiency)``, seconds per byte ``b = 1/(bandwidth*
@@ -310,25 +314,32 @@ class RooflineModel(NodeSumCostModel):
           is bandwidth-bound) stays where it was instead of drifting.
         """
         data = _read_samples(samples)
+        usable = [s for s in data if s[0] not in FREE_KINDS and (s[1] or s[2])]
+        if not usable:
+            raise CostModelError(f"none of the {len(data)} calibration samples does work the roofline prices "
+                                 f"(all are {', '.join(sorted(FREE_KINDS))} ops or move 0 bytes)")
+        ignored, data = len(data) - len(usable), usable
         before = [self.predict(k, m, b) for k, m, b, _ in data]
         by_kind: dict[str, list[Sample]] = {}
         for sample in data:
             by_kind.setdefault(sample[0], []).append(sample)
         fitted: dict[str, dict[str, float]] = {}
+        constants = dict(self.constants)
         for kind, rows in sorted(by_kind.items()):
             macs = np.array([r[1] for r in rows], dtype=float)
             nbytes = np.array([r[2] for r in rows], dtype=float)
             latency = np.array([r[3] for r in rows], dtype=float)
             a, b, c = _fit_kind(macs, nbytes, latency, self._rates(kind))
-            self.constants[kind] = KindConstants(1.0 / (a * self.device.peak_macs_per_s),
-                                                 1.0 / (b * self.device.bandwidth_bytes_per_s), c)
+            constants[kind] = KindConstants(1.0 / (a * self.device.peak_macs_per_s),
+                                            1.0 / (b * self.device.bandwidth_bytes_per_s), c)
             fitted[kind] = {"samples": float(len(rows)), "gmacs_per_s": 1.0 / a / _G, "gbytes_per_s": 1.0 / b / _G,
                             "overhead_us": c * 1e6}
+        self.constants = constants  # all kinds at once: a failed fit leaves the model as it was
         after = [self.predict(k, m, b) for k, m, b, _ in data]
         measured = np.array([r[3] for r in data])
         rms_b, mape_b = _errors(before, measured)
         rms_a, mape_a = _errors(after, measured)
-        self.calibration = CalibrationSummary(len(data), fitted, rms_b, rms_a, mape_b, mape_a)
+        self.calibration = CalibrationSummary(len(data), fitted, rms_b, rms_a, mape_b, mape_a, ignored)
         return self.calibration
 
     def _rates(self, kind: str) -> tuple[float, float, float]:
@@ -381,4 +392,4 @@ def _fit_kind(macs: np.ndarray, nbytes: np.ndarray, latency: np.ndarray,
     best = min((least_squares(residuals, start, jac=jacobian, loss="soft_l1", f_scale=0.2, method="trf")
                 for start in starts), key=lambda r: r.cost)
     a, b, c = np.exp(best.x)
-    return float(a), float(b), float(max(c, 0.0))
+    return float(a), float(b), float(c)

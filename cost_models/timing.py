@@ -91,7 +91,8 @@ def _quantile(sorted_x: Sequence[float], q: float) -> float:
 def median_rel_ci(samples: Sequence[float]) -> float:
     """Width of the distribution-free 95% confidence interval of the median, over the median.
 
-    Uses the order statistics at ranks ``n/2 -+ 1.96 sqrt(n)/2`` (binomial approximation);
+    Uses the order statistics at (1-based) ranks ``floor(n/2 - 1.96 sqrt(n)/2)`` and
+    ``ceil(1 + n/2 + 1.96 sqrt(n)/2)`` (binomial approximation), clipped to the sample;
     returns ``inf`` for fewer than 2 samples.
     """
     n = len(samples)
@@ -100,7 +101,7 @@ def median_rel_ci(samples: Sequence[float]) -> float:
     x = sorted(samples)
     half = 1.96 * math.sqrt(n) / 2
     lo = max(0, math.floor(n / 2 - half) - 1)
-    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    hi = min(n - 1, math.ceil(1 + n / 2 + half) - 1)
     median = _quantile(x, 0.5)
     return (x[hi] - x[lo]) / median if median > 0 else math.inf
 

@@ -95,6 +95,8 @@ class Region:
 
         def lookup(node: Node) -> Node:
             if node not in env:  # a constant: copy it and what it is computed from
+                if node.op == "placeholder":
+                    raise ValueError(f"{self} reads input {node.name} besides its entry: not a region of this graph")
                 env[node] = graph.node_copy(node, lookup)
             return env[node]
 

@@ -42,7 +42,7 @@ def as_input_tuple(example_inputs: Any) -> tuple:
 class _LeafTracer(torch.fx.Tracer):
     """A tracer that also keeps the given module types or qualified names as leaves."""
 
-    def __init__(self, leaf_modules: Iterable[type | str]):
+    def __init__(self, leaf_modules: Iterable[type | str] = ()):
         super().__init__()
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}

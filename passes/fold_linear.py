@@ -196,14 +196,16 @@ class FoldLinear(Pass):
                 self._refuse(f"{inner.name} -> {node.name}", reason)
             return None
         inner, m = op
+        # An op that returns a tuple (core ATen batch norm) is described at its getitem: cover both nodes.
+        covered = tuple(n for n in node.all_input_nodes if n is not inner and n.op != "get_attr") + (node,)
         expr = exprs.get(inner)
-        if expr is not None and self._absorbable(inner, node):
+        if expr is not None and self._absorbable(inner, covered[0]):
             composed = compose(expr.map, m)
             if not isinstance(composed, str):
-                return _Expr(expr.source, composed, expr.nodes + (node,), expr.ops + 1)
+                return _Expr(expr.source, composed, expr.nodes + covered, expr.ops + 1)
             if type(expr.map) is type(m):
                 self._refuse(f"{inner.name} -> {node.name}", composed)
-        return _Expr(inner, m, (node,), 1)
+        return _Expr(inner, m, covered, 1)
 
     def _sum_expr(self, node: Node, lhs: Node, rhs: Node, alpha: float, exprs) -> _Expr | None:
         shape = _static_shape(node)
@@ -246,6 +248,9 @@ class FoldLinear(Pass):
                 return lin.input, "its weights are computed at run time"
             return lin.input, linear_map(lin.weight, lin.bias)
         bn = batchnorm_of(node)
+        if bn is None and node.args:
+            owner = batchnorm_of(node.args[0])
+            bn = owner if owner is not None and owner.output is node else None
         if bn is not None:
             if bn.training:
                 return bn.input, "batch norm in training mode (or without running statistics) is not affine"

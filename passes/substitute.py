@@ -33,6 +33,7 @@ from hant.errors import PassError
 from hant.graphs import conv_of, trace
 from hant.graphs.regions import Region, natural_regions
 from hant.graphs.trace import as_input_tuple
+from hant.passes.distill import finetune
 from hant.passes.candidates import SiteShape, candidates_for, low_rank_conv
 from hant.passes.manager import PassManager
 from hant.passes.selection import multiple_choice
@@ -226,7 +227,8 @@ class SubstituteResult:
 
     def report(self, solution: BudgetSolution | None = None) -> str:
         """Per site: the teacher op, the chosen op, its predicted latency and score."""
-        solution = solution or (self.solutions[-1] if self.solutions else None)
+        if solution is None:
+            solution = next((s for s in self.solutions if s.budget == self.budget), None)
         if solution is None:
             raise PassError("no budget was solved yet; call solve(budget) first")
         rows = []
@@ -284,8 +286,8 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
                sites: Sequence[str] | None = None, run_dir: str | os.PathLike = "hant-substitute",
                steps: int = 200, lr: float = 3e-3, calibration_batches: int = 8,
                finetune_epochs: int = 0, finetune_lr: float = 1e-3, finetune_steps: int | None = None,
-               evaluate: Callable[[nn.Module], float] | None = None, show_progress: bool = True
-               ) -> SubstituteResult | None:
+               evaluate: Callable[[nn.Module], float] | None = None, measure: Any = None,
+               show_progress: bool = True) -> SubstituteResult | None:
     """Replace the teacher's slow blocks with distilled, faster candidates under a latency budget.
 
     ``budget`` and every entry of ``budgets`` are fractions of the teacher's latency under
@@ -295,7 +297,9 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     ``loader`` yields calibration batches (tensors or ``(input, label)``); the first
     ``calibration_batches`` are captured. ``run_dir`` persists every finished job; a rerun
     resumes. Under ``torchrun`` the jobs are split across ranks; ranks other than 0 return
-    None after the distillation. The teacher is never modified.
+    None after the distillation. ``evaluate(module) -> accuracy`` and ``measure`` (a cost
+    model spec that times real runs, e.g. ``"measured:cpu-onnxruntime"``) put the students'
+    accuracy and measured latency next to the prediction. The teacher is never modified.
     """
     inputs = as_input_tuple(example_inputs)
     cost_model = get_cost_model(cost)
@@ -357,19 +361,20 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     fixed = max(teacher_latency - teacher_sites, 0.0)
 
     result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model)
+    timer = get_cost_model(measure) if measure is not None else None
+    students = {}
     for b in sorted(set(budgets) | {budget}):
         solution = result.solve(b)
+        students[b] = build_student(result, solution.choice)
+        if b == budget and finetune_epochs > 0:
+            finetune(students[b], gm, loader, epochs=finetune_epochs, lr=finetune_lr, max_steps=finetune_steps,
+                     checkpoint_dir=run_dir / f"finetune_b{budget:.2f}", progress=show_progress)
         if evaluate is not None:
-            solution.accuracy = float(evaluate(build_student(result, solution.choice)))
+            solution.accuracy = float(evaluate(students[b]))
+        if timer is not None:
+            solution.measured_latency_s = float(timer.graph_cost(students[b]).latency_s)
         result.solutions.append(solution)
-    main = next(s for s in result.solutions if s.budget == budget)
-    student = build_student(result, main.choice)
-    if finetune_epochs > 0:
-        from hant.passes.distill import finetune
-        finetune(student, gm, loader, epochs=finetune_epochs, lr=finetune_lr, max_steps=finetune_steps,
-                 checkpoint_dir=run_dir / f"finetune_b{budget:.2f}", progress=show_progress)
-        if evaluate is not None:
-            main.accuracy = float(evaluate(student))
+    student = students[budget]
     result.student, result.budget = student, budget
     result.solutions.sort(key=lambda s: s.budget)
     return result

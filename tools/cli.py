@@ -25,6 +25,7 @@ SUBCOMMANDS = (
     "hant.tools.cmd_inspect",
     "hant.tools.cmd_profile",
     "hant.tools.cmd_fit",
+    "hant.tools.cmd_substitute",
     "hant.tools.cmd_optimize",
 )
 

@@ -30,14 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hant.errors import HantError, InputError
+from hant.errors import ExportError, HantError, InputError
 from hant.graphs import trace
 from hant.tools.examples import EXAMPLE_INPUT_SHAPE, example_network
 
 __all__ = ["LoadedModel", "load_model", "parse_shape", "make_inputs", "add_model_arguments", "model_and_inputs",
            "trace_for_cli", "DTYPES", "MODEL_SPEC_HELP"]
 
-MODEL_SPEC_HELP = ("torchvision:NAME (random weights), path/to/file.py:factory, a torch.save'd module (.pt) "
+MODEL_SPEC_HELP = ("torchvision:NAME (random weights), digits:mobilenet|resnet (the bundled trained teachers), "
+                   "path/to/file.py:factory, a torch.save'd module (.pt) "
                    "or a torch.export program (.pt2); omit it for the bundled example network")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -78,6 +79,12 @@ def _torchvision(name: str) -> LoadedModel:
     if name not in known:
         raise InputError(f"unknown torchvision model {name!r}; known: {', '.join(known)}")
     return LoadedModel(torchvision.models.get_model(name, weights=None).eval(), f"torchvision:{name}")
+
+
+def _digits(name: str) -> LoadedModel:
+    from hant.tools import digits
+
+    return LoadedModel(digits.teacher(name), f"digits:{name}", (digits.INPUT_SHAPE,))
 
 
 def _from_factory(path: str, factory_name: str) -> LoadedModel:
@@ -145,6 +152,8 @@ def load_model(spec: str | None) -> LoadedModel:
         return LoadedModel(example_network(), "example", (EXAMPLE_INPUT_SHAPE,))
     if spec.startswith("torchvision:"):
         return _torchvision(spec.partition(":")[2])
+    if spec.startswith("digits:"):
+        return _digits(spec.partition(":")[2])
     head, sep, tail = spec.rpartition(":")
     if sep and head.endswith(".py"):
         return _from_factory(head, tail)
@@ -200,3 +209,34 @@ def trace_for_cli(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
         raise
     finally:
         sys.stderr.write(held.getvalue())
+
+
+OUTPUT_SUFFIXES = (".onnx", ".pt", ".pt2")
+
+
+def save_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str) -> str:
+    """Write ``module`` in the format the suffix of ``path`` names; return a line saying what was written.
+
+    ``.onnx``: exported, simplified and checked with onnxruntime (:func:`hant.graphs.export.export_onnx`);
+    ``.pt2``: a ``torch.export`` program; ``.pt``: ``torch.save`` of the module.
+    """
+    from hant.graphs.export import export_onnx
+
+    if not path.endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"{path!r}: the suffix picks the format; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    try:
+        if path.endswith(".onnx"):
+            result = export_onnx(module, inputs, path)
+            return f"{path} (ONNX, onnxruntime max relative error {result.max_error:.2e})"
+        if path.endswith(".pt2"):
+            try:
+                program = torch.export.export(module, inputs)
+            except Exception as exc:
+                raise ExportError(f"torch.export failed on the module: {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0]}; save it as .pt or .onnx instead") from exc
+            torch.export.save(program, path)
+            return f"{path} (torch.export program)"
+        torch.save(module, path)
+        return f"{path} (torch.save of the module; load with torch.load(path, weights_only=False))"
+    except OSError as exc:
+        raise InputError(f"cannot write {path!r}: {exc.strerror or exc}") from exc

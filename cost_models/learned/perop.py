@@ -98,6 +98,9 @@ class PerOpNet(nn.Module):
         """The per-graph overhead, in units of the training scale."""
         return F.softplus(self.overhead)
 
-    def forward(self, rows: torch.Tensor, graph: torch.Tensor, num_graphs: int) -> torch.Tensor:
-        out = torch.zeros(num_graphs, dtype=rows.dtype).index_add_(0, graph, self.kernel_shares(rows))
+    def forward(self, rows: torch.Tensor, kernel: torch.Tensor, graph: torch.Tensor, num_graphs: int) -> torch.Tensor:
+        """Per-graph latency: kernel k of the batch has row ``rows[kernel[k]]`` and belongs to ``graph[k]``
+        (distinct rows are priced once)."""
+        shares = self.kernel_shares(rows)[kernel]
+        out = torch.zeros(num_graphs, dtype=rows.dtype).index_add_(0, graph, shares)
         return out + self.constant()

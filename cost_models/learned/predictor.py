@@ -22,7 +22,7 @@ import torch
 
 from hant.cost_models.base import CostReport, register
 from hant.cost_models.learned.features import FEATURE_NAMES, FEATURE_VERSION, GraphFeatures, batch_graphs, featurize
-from hant.cost_models.learned.gnn import GraphNet
+from hant.cost_models.learned.gnn import GraphNet, compress
 from hant.cost_models.learned.perop import FUSION_PROFILES, PerOpNet, group_features
 from hant.errors import CostModelError
 
@@ -69,18 +69,21 @@ class Predictor:
         """Normalised batch tensors for the network, for a list of graphs."""
         if self.kind == "gnn":
             x, edges, graph = batch_graphs(graphs)
-            return {"x": (x - self.x_mean) / self.x_std, "edges": edges, "graph": graph, "num_graphs": len(graphs)}
+            plan = compress(x, edges, self.net.config["layers"])
+            plan["rows"] = (plan["rows"] - self.x_mean) / self.x_std
+            return {"plan": plan, "graph": graph, "num_graphs": len(graphs)}
         parts = [self.rows(g)[0] for g in graphs]
-        rows = torch.from_numpy(np.concatenate(parts))
+        rows, inverse = np.unique(np.concatenate(parts), axis=0, return_inverse=True)
         graph = torch.from_numpy(np.repeat(np.arange(len(parts)), [len(p) for p in parts]))
-        return {"rows": (rows - self.x_mean) / self.x_std, "graph": graph, "num_graphs": len(graphs)}
+        return {"rows": (torch.from_numpy(rows) - self.x_mean) / self.x_std, "kernel": torch.from_numpy(inverse.reshape(-1)),
+                "graph": graph, "num_graphs": len(graphs)}
 
     def forward(self, batch: dict, device: torch.Tensor | None = None) -> torch.Tensor:
         """Network output (units of ``scale``) for a batch from :meth:`inputs`."""
         if self.kind == "gnn":
-            return self.net(batch["x"], batch["edges"], batch["graph"], batch["num_graphs"],
-                            device if device is not None else self.device)
-        return self.net(batch["rows"], batch["graph"], batch["num_graphs"])
+            return self.net(None, None, batch["graph"], batch["num_graphs"],
+                            device if device is not None else self.device, plan=batch["plan"])
+        return self.net(batch["rows"], batch["kernel"], batch["graph"], batch["num_graphs"])
 
     # ------------------------------------------------------------ prediction
 
@@ -94,14 +97,15 @@ class Predictor:
     @torch.no_grad()
     def node_latencies(self, graph: GraphFeatures) -> tuple[np.ndarray, float]:
         """(seconds attributed to each row of ``graph``, seconds not tied to any node)."""
-        batch = self.inputs([graph])
         if self.kind == "gnn":
-            h = self.net.node_states(batch["x"], batch["edges"])
+            x, edges, _ = batch_graphs([graph])
+            h = self.net.node_states((x - self.x_mean) / self.x_std, edges)
             shares = self.net.node_shares(h, self.device).double().numpy()
             return shares * self.scale, 0.0
         kernel_rows, anchors = self.rows(graph)
         shares = np.zeros(graph.num_nodes)
-        shares[anchors] = self.net.kernel_shares(batch["rows"]).double().numpy()
+        normalised = (torch.from_numpy(kernel_rows) - self.x_mean) / self.x_std
+        shares[anchors] = self.net.kernel_shares(normalised).double().numpy()
         return shares * self.scale, float(self.net.constant()) * self.scale
 
     # ------------------------------------------------------------ files

@@ -218,6 +218,16 @@ def test_calibration_reads_a_store_and_leaves_unseen_kinds_alone(mobilenet_forms
     assert model.calibration is summary and "rms log error" in str(summary)
 
 
+def test_calibration_ignores_ops_the_roofline_prices_at_zero():
+    model = RooflineModel("cpu")
+    free = [("shape", 0, 0, 1e-6), ("identity", 0, 4096, 2e-6), ("add", 0, 0, 3e-6)]
+    summary = model.calibrate(synthetic_samples(seed=5, noise=0.0, per_kind=20) + free)
+    assert (summary.samples, summary.ignored) == (20 * len(TRUTH), len(free))
+    assert summary.rms_log_error_after < 1e-3
+    with pytest.raises(CostModelError, match="none of the 3 calibration samples"):
+        RooflineModel("cpu").calibrate(free)
+
+
 def test_calibration_fits_a_kind_the_model_did_not_know():
     model = RooflineModel("cpu")
     samples = [("my_fused_op", 0, n, n / 3e9 + 2e-6) for n in np.geomspace(1e3, 1e8, 40).astype(int)]

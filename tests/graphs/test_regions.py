@@ -161,7 +161,8 @@ def _random_graph(seed: int, size: int, inputs: int, dead: int) -> torch.fx.Grap
             a, b = rng.sample(values[-4:], 2)
             values.append(graph.call_function(torch.add, (a, b)))
         else:
-            values.append(graph.call_function(rng.choice([torch.relu, torch.neg, torch.sin]), (rng.choice(values[-3:]),)))
+            unary = rng.choice([torch.relu, torch.neg, torch.sin])
+            values.append(graph.call_function(unary, (rng.choice(values[-3:]),)))
     results = [v for v in values if not v.users and v.op != "placeholder"] or values[-1:]
     for _ in range(dead):  # side nodes: read a value, used by nobody
         graph.call_function(torch._assert, (graph.call_function(torch.isfinite, (rng.choice(values),)), "finite"))

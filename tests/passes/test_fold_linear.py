@@ -285,6 +285,19 @@ def test_exported_aten_graph_folds_too():
     assert compute_nodes(gm) == ["conv"]
 
 
+def test_core_aten_graph_with_tuple_returning_batch_norm_folds():
+    torch.manual_seed(0)
+    model = randomize_bn(Chain(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                               nn.AvgPool2d(2)), 2).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    gm = torch.export.export(model, (x,)).run_decompositions().module()
+    hant.graphs.propagate_shapes(gm, x)
+    result = FoldLinear(context())(gm)
+    with torch.no_grad():
+        assert output_error(model(x), result.graph_module(x)) <= F64_TOL
+    assert compute_nodes(result.graph_module) == ["conv"]
+
+
 # ---------------------------------------------------------------- pricing
 
 class FlatCost(MacCost):

@@ -268,3 +268,16 @@ def test_generated_conv_bn_pairs_fold_exactly_or_are_refused(dims, transposed, b
     assert not result.report.rolled_back, str(result.report)
     assert max_rel_error(model(x), result.graph_module(x)) <= 1e-9
     assert not graph_has_bn(result.graph_module) or result.report.decisions_of("fuse_bn", "refused")
+
+
+def test_exported_resnet18_folds_every_bn_exactly():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10), 5)
+    x = torch.randn(1, 3, 32, 32)
+    gm = hant.trace(model, x, method="export")  # ATen graph, get_attr weights
+    result = PassManager(["fuse_bn"], cost=None, check=x, rtol=1e-4, atol=1e-5)(gm)
+    assert not graph_has_bn(result.graph_module)
+    assert len(result.report.decisions_of("fuse_bn", "applied")) == 20
+    assert max_rel_error(model(x), result.graph_module(x)) <= 1e-5

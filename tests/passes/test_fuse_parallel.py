@@ -135,3 +135,20 @@ def test_idempotent_and_leaves_no_unused_modules():
     assert not {"a", "b", "c"} & dict(gm.named_children()).keys()
     again = FuseParallel(context())(copy.deepcopy(gm))
     assert not again.modified and again.graph_module.code == gm.code
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_googlenet_inception_branches_fuse_under_the_exact_preset(dtype, tol):
+    torchvision = pytest.importorskip("torchvision")
+    from helpers import randomize_bn
+
+    from hant.passes import PassManager
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.googlenet(aux_logits=False, init_weights=True), 4).to(dtype)
+    x = torch.randn(1, 3, 64, 64, dtype=dtype)
+    result = PassManager("exact", cost=MacCost(), check=x, rtol=tol, atol=0.0)(hant.trace(model, x))
+    assert not result.report.rolled_back, result.report
+    assert len(result.report.decisions_of("fuse_parallel", "applied")) == 9      # one per inception block
+    with torch.no_grad():
+        assert output_error(model(x), result.graph_module(x)) <= tol

@@ -154,3 +154,43 @@ def test_bad_inputs_and_unknown_passes_raise_hant_errors():
         hant.optimize(model, torch.randn(1, 5, 8, 8))
     with pytest.raises(hant.PassError, match="valid passes"):
         hant.optimize(model, torch.randn(1, 3, 8, 8), passes="fuse_bn,nope")
+
+
+# ------------------------------------------------------------ the `hant optimize` command
+
+
+def test_cli_writes_every_format_and_the_report(tmp_path, capsys):
+    from hant.tools.cli import main
+    from hant.tools.examples import EXAMPLE_INPUT_SHAPE, example_network
+
+    x = torch.randn(EXAMPLE_INPUT_SHAPE)
+    want = example_network()(x)
+    for suffix in (".onnx", ".pt", ".pt2"):
+        out = tmp_path / f"net{suffix}"
+        report = tmp_path / "report.md"
+        assert main(["optimize", "--passes", "exact", "--cost", "roofline:cpu", "--out", str(out),
+                     "--report", str(report)]) == 0
+        printed = capsys.readouterr().out
+        assert "fuse_bn" in printed and "max relative output error" in printed and out.exists()
+        assert report.read_text().startswith("# hant optimize") and "| fuse_bn" in report.read_text()
+        if suffix == ".pt":
+            module = torch.load(out, weights_only=False)
+            assert max_rel_error(want, module(x)) <= 1e-5
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+        if suffix == ".pt2":
+            assert max_rel_error(want, torch.export.load(str(out)).module()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "net.txt"], "suffix picks the format"),
+    (["--passes", "fuse_bn,nope"], "valid passes"),
+    (["--cost", "nope"], "unknown cost model"),
+    (["torchvision:resnet18", "--input", "1,3,x"], "bad input shape"),
+    (["--out", "/no/such/folder/net.onnx"], "does not exist"),
+])
+def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
+    from hant.tools.cli import main
+
+    assert main(["optimize", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

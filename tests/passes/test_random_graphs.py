@@ -4,14 +4,13 @@ hypothesis generates chains of convs (strides, paddings, dilations, groups, refl
 BatchNorm before and after, average pools (padded, count_include_pad either way,
 ceil_mode), per-channel scale/shift constants, ReLUs, RepVGG/ACNet/DBB-style branch sums
 (with BN identity and pooled branches), residual ``x + f(x)``, sibling convs (horizontal
-fusion) and a linear head. Each graph
-is checked three ways: fold_linear and fuse_parallel alone (they must not raise, their
-output must match, every decision must carry a reason), and the whole ``"exact"`` preset
-under the PassManager (nothing rolled back, output within 1e-9, a second run changes nothing).
+fusion) and a linear head. Each graph is checked three ways: fold_linear and fuse_parallel
+alone (they must not raise, their output must match, every decision must carry a reason),
+and the whole ``"exact"`` preset under the PassManager (nothing rolled back, output within
+1e-9, a second run changes nothing).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn as nn
