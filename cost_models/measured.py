@@ -372,7 +372,7 @@ class MeasuredModel(NodeSumCostModel):
         return Cost(latency, counted.macs, counted.bytes_read, counted.bytes_written, counted.params)
 
     def graph_latency(self, gm: GraphModule) -> float:
-        """Seconds for the whole graph in one run (stored by structural hash, reused when found)."""
+        """Seconds for the whole graph in one run, in eval mode (stored by structural hash, reused when found)."""
         key = graph_key(gm)
         found = self.store.get_graph(key, self.key)
         if found is not None:
@@ -384,7 +384,9 @@ class MeasuredModel(NodeSumCostModel):
                 raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
                                      "on the graph before measuring it")
             inputs.append(_example(shape, _dtype_name(output_dtype(node))))
-        timing = self.measure_module(gm, tuple(inputs))
+        # an inference figure, and the caller's graph stays untouched (train-mode BN would update its statistics)
+        module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
+        timing = self.measure_module(module, tuple(inputs))
         self.store.put_graph(key, self.key, timing.median_s, timing.spread)
         return timing.median_s
 

@@ -180,3 +180,10 @@ def test_cuda_runtime_measures_on_a_gpu(tmp_path):
 def test_bad_specs_raise_cost_model_error(spec):
     with pytest.raises(CostModelError, match="measured"):
         get(spec)
+
+
+def test_measuring_a_train_mode_graph_leaves_it_untouched(tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train(), torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "s.db", op_timing=FAST, graph_timing=FAST).graph_cost(gm)
+    assert gm.training and all(torch.equal(before[k], v) for k, v in gm.state_dict().items())

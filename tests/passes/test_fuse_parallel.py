@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
+from helpers import randomize_bn
 from linear_fixtures import MacCost, compute_nodes, context, output_error
 
 import hant
 from hant.cost_models import Cost
 from hant.graphs.ops import conv_of, linear_of, op_kind
-from hant.passes import PassContext, get
+from hant.passes import PassContext, PassManager, get
 from hant.passes.fuse_parallel import FuseParallel
 
 
@@ -139,11 +141,6 @@ def test_idempotent_and_leaves_no_unused_modules():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
 def test_googlenet_inception_branches_fuse_under_the_exact_preset(dtype, tol):
-    torchvision = pytest.importorskip("torchvision")
-    from helpers import randomize_bn
-
-    from hant.passes import PassManager
-
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.googlenet(aux_logits=False, init_weights=True), 4).to(dtype)
     x = torch.randn(1, 3, 64, 64, dtype=dtype)
