@@ -21,6 +21,7 @@ device fingerprint), the part of a store key that says where a number was measur
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
@@ -282,7 +283,6 @@ class CudaRuntime(Runtime):
         return device_fingerprint(torch.cuda.get_device_name(0))
 
     def block(self, module, inputs):
-        import copy
         module = copy.deepcopy(module).to("cuda")
         inputs = tuple(t.to("cuda") for t in inputs)
 

@@ -253,7 +253,11 @@ def _empty_conv(kernel, stride, padding, cin, cout, groups, dtype) -> nn.Module:
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(kernel)]
     conv = conv_cls(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=True, device="meta",
                     dtype=dtype)
-    return conv.to_empty(device="cpu")
+    conv = conv.to_empty(device="cpu")
+    with torch.no_grad():   # zeros, not uninitialised memory: denormal garbage makes the shape run crawl
+        conv.weight.zero_()
+        conv.bias.zero_()
+    return conv
 
 
 def _segment_price(cost: Any, views: list, nodes: list[Node]) -> tuple[float, float] | None:

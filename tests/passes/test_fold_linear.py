@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from helpers import randomize_bn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ import hant
 from hant.cost_models import Cost
 from hant.errors import PassError
 from hant.graphs.ops import conv_of, linear_of
-from hant.passes import PassContext, get
+from hant.passes import PassContext, PassManager, get
 from hant.passes.fold_linear import FoldLinear
 from hant.passes.linear_algebra import add, compose, conv_map
 
@@ -346,6 +347,20 @@ def test_without_a_cost_model_in_the_context_a_registered_default_is_used(monkey
     monkeypatch.setattr(base, "_FACTORIES", {})
     with pytest.raises(PassError, match="no cost model is available"):
         fold(model, torch.randn(1, 4, 3, 3, dtype=torch.float64), PassContext())
+
+
+def test_mobilenet_v2_linear_bottlenecks_are_priced_not_widened():
+    """MobileNetV2's projection 1x1 (no activation) feeds the next expansion 1x1: folding them widens."""
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.mobilenet_v2(), 7)
+    x = torch.randn(1, 3, 64, 64)
+    result = PassManager("exact", cost=MacCost(), check=x, rtol=1e-4, atol=0.0)(hant.trace(model, x))
+    assert not result.report.rolled_back, result.report
+    rejected = result.report.decisions_of("fold_linear", "not_cheaper")
+    assert any("960->1280" in d.reason and d.cost_after > d.cost_before for d in rejected)
+    assert all(d.reason for d in result.report.decisions_of("fold_linear", "refused"))
+    with torch.no_grad():
+        assert output_error(model(x), result.graph_module(x)) <= 1e-4
 
 
 # ---------------------------------------------------------------- contract
