@@ -226,6 +226,10 @@ def _inputs_from_meta(gm: GraphModule) -> tuple:
     return tuple(inputs)
 
 
+def _has_shapes(gm: GraphModule) -> bool:
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
+
+
 def _run(gm: GraphModule, inputs: tuple) -> Any:
     """Run ``gm`` once, filling ``tensor_meta`` on every node on the way; return its outputs."""
     with torch.no_grad():
@@ -274,22 +278,33 @@ class PassManager:
         return None if self.cost_model is None else self.cost_model.graph_cost(gm)
 
     def __call__(self, gm: GraphModule) -> ManagerResult:
+        """Run the passes on a deep copy of ``gm``; ``gm`` is never touched."""
+        return self.run(gm)
+
+    def run(self, gm: GraphModule, *, copy_tensors: bool = True) -> ManagerResult:
+        """Run the passes over a copy of ``gm`` and return the result; ``gm`` is never touched.
+
+        ``copy_tensors=False`` copies only the graph and module tree and lets the result
+        share unchanged parameters with ``gm`` (passes never write to tensors; the manager
+        checks that). :func:`hant.optimize` uses it on the copy it traced itself.
+        """
         if not isinstance(gm, GraphModule):
             raise PassError(f"PassManager takes a torch.fx.GraphModule, got {type(gm).__name__}; "
                             "capture the model with hant.trace(model, example_inputs) first")
-        current = copy.deepcopy(gm)
+        current = copy.deepcopy(gm) if copy_tensors else _structural_copy(gm)
         inputs = self.check_inputs if self.check_inputs is not None else _inputs_from_meta(current)
-        try:
-            first = _run(current, inputs)
-        except Exception as exc:
-            raise InputError(f"the check inputs do not run through the graph: {type(exc).__name__}: {exc}") from exc
         reference = original = None
-        if self.check_inputs is not None:
-            reference = original = first
-            ok, _, why = compare_outputs(reference, _run(current, inputs), 0.0, 0.0)
-            if not ok:
-                raise PassError(f"the model's outputs differ between two runs on the same inputs ({why}); "
-                                "numeric checks need a deterministic model: call model.eval()")
+        if self.check_inputs is not None or not _has_shapes(current):
+            try:
+                first = _run(current, inputs)
+            except Exception as exc:
+                raise InputError(f"the inputs do not run through the graph: {type(exc).__name__}: {exc}") from exc
+            if self.check_inputs is not None:
+                reference = original = first
+                ok, _, why = compare_outputs(reference, _run(current, inputs), 0.0, 0.0)
+                if not ok:
+                    raise PassError(f"the model's outputs differ between two runs on the same inputs ({why}); "
+                                    "numeric checks need a deterministic model: call model.eval()")
 
         context = PassContext(cost=self.cost_model, check_inputs=self.check_inputs, rtol=self.rtol, atol=self.atol)
         passes = self._instances(context)
@@ -297,10 +312,16 @@ class PassManager:
         seen_decisions: set[Decision] = set()
         cost_report = cost_first = self._cost(current)
         any_modified = False
+        # An idempotent pass has nothing to do on a graph that has not changed since it last
+        # ran (it made it, or saw it unchanged): it is skipped. ``version`` counts kept changes.
+        version, seen_at = 0, {}
         iterations = self.max_iterations if self.fixed_point else 1
         for iteration in range(1, iterations + 1):
             changed_this_round = False
-            for pass_ in passes:
+            for index, pass_ in enumerate(passes):
+                key = type(pass_) if isinstance(self.passes[index], type) else id(pass_)
+                if pass_.idempotent and seen_at.get(key) == version:
+                    continue
                 current, reference, cost_report, row, decisions = self._run_one(
                     pass_, iteration, current, inputs, reference, cost_report, context)
                 report.rows.append(row)
@@ -310,6 +331,8 @@ class PassManager:
                         report.decisions.append(decision)
                 if row.modified and not row.rolled_back:
                     changed_this_round = any_modified = True
+                    version += 1
+                seen_at[key] = version
             if not changed_this_round:
                 break
         max_error = None

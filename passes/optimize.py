@@ -64,6 +64,6 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, passes: Any = "exac
     gm = trace(model, inputs)
     manager = PassManager(passes, cost=cost, check=inputs if check else None, rtol=rtol, atol=atol,
                           fixed_point=fixed_point, max_iterations=max_iterations)
-    result = manager(gm)
+    result = manager.run(gm, copy_tensors=False)  # gm is trace's own deep copy of the model
     return OptimizeResult(result.graph_module, result.report, result.cost_before, result.cost_after,
                           result.max_error)

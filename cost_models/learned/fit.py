@@ -35,7 +35,7 @@ __all__ = ["DEFAULT_CONFIG", "FitResult", "Table", "read_table", "metrics", "for
            "fit_table", "get_builder", "BUILDERS"]
 
 DEFAULT_CONFIG = {
-    "gnn": {"hidden": 32, "layers": 2, "steps": 300, "lr": 1e-2, "weight_decay": 1e-4, "batch_graphs": 1024},
+    "gnn": {"hidden": 32, "layers": 3, "steps": 300, "lr": 1e-2, "weight_decay": 1e-4, "batch_graphs": 1024},
     "perop": {"hidden": 64, "fusion": "fused", "steps": 400, "lr": 1e-2, "weight_decay": 1e-4,
               "batch_graphs": 1024},
 }

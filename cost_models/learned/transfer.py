@@ -62,8 +62,8 @@ def device_vector(reference_latency_s) -> tuple[torch.Tensor, float]:
 
 
 def pretrain(archs: list[str], latency_s: np.ndarray, devices: list[str], family, references: list[str],
-             reference_latency_s: np.ndarray, *, hidden: int = 16, layers: int = 2, steps: int = 400,
-             batch_graphs: int = 128, lr: float = 5e-3, seed: int = 0) -> Pretrained:
+             reference_latency_s: np.ndarray, *, hidden: int = 32, layers: int = 3, steps: int = 300,
+             lr: float = 1e-2, seed: int = 0) -> Pretrained:
     """Pre-train one GraphNet on several devices.
 
     ``latency_s``: (len(archs), len(devices)) seconds; ``reference_latency_s``:
@@ -83,14 +83,13 @@ def pretrain(archs: list[str], latency_s: np.ndarray, devices: list[str], family
     net = GraphNet(mean.numel(), hidden, layers, dev.shape[1])
     template = Predictor("gnn", {"hidden": hidden, "layers": layers, "device_dim": dev.shape[1]}, net, mean, std, 1.0)
     target = torch.from_numpy(np.log(y)).float() - log_scale
-    rng = np.random.default_rng(seed)
+    batch = template.inputs(graphs)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     net.train()
     for _ in range(steps):
-        pick = rng.choice(len(graphs), size=min(batch_graphs, len(graphs)), replace=False)
-        out = template.forward(template.inputs([graphs[i] for i in pick]), dev)
-        loss = torch.mean((torch.log(out.clamp_min(1e-9)) - target[pick]) ** 2)
+        out = template.forward(batch, dev)
+        loss = torch.mean((torch.log(out.clamp_min(1e-9)) - target) ** 2)
         opt.zero_grad()
         loss.backward()
         opt.step()

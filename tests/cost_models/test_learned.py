@@ -161,7 +161,7 @@ def test_transfer_to_a_held_out_device(slice_table):
     refs = pick_references(archs[:30], [fam.featurize(a) for a in archs[:30]], k=5)
     ref_rows = [archs.index(a) for a in refs]
     y = np.stack([tables[c].latency_s for c in sources], axis=1)
-    pre = pretrain(archs[:30], y[:30], sources, fam, refs, y[ref_rows], steps=20, batch_graphs=16)
+    pre = pretrain(archs[:30], y[:30], sources, fam, refs, y[ref_rows], steps=20)
     predictor = adapt(pre, fam, tables[target].latency_s[ref_rows], steps=10)
     scored = [i for i in range(30, len(archs))]
     predicted = predictor.predict([fam.featurize(archs[i]) for i in scored])
