@@ -64,7 +64,7 @@ def _folded_name(view) -> str:
 
 
 def _new_conv(view: ConvView, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """A fresh conv module with ``view``'s geometry and the given weight and bias."""
+    """A fresh conv module with ``view``'s geometry holding ``weight`` and ``bias`` (new tensors, not copied)."""
     cls = _CONV_CLASSES[(view.spatial_dims, view.transposed)]
     kwargs = dict(stride=view.stride, padding=view.padding, dilation=view.dilation, groups=view.groups, bias=True)
     if view.transposed:
@@ -72,15 +72,15 @@ def _new_conv(view: ConvView, weight: torch.Tensor, bias: torch.Tensor) -> nn.Mo
     else:
         kwargs["padding_mode"] = view.padding_mode
     module = cls(view.in_channels, view.out_channels, view.kernel_size, device="meta", **kwargs)
-    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=view.weight.requires_grad)
-    module.bias = nn.Parameter(bias.detach().clone(), requires_grad=view.weight.requires_grad)
+    module.weight = nn.Parameter(weight, requires_grad=view.weight.requires_grad)
+    module.bias = nn.Parameter(bias, requires_grad=view.weight.requires_grad)
     return module
 
 
 def _new_linear(view: LinearView, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     module = nn.Linear(view.in_features, view.out_features, device="meta")
-    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=view.weight.requires_grad)
-    module.bias = nn.Parameter(bias.detach().clone(), requires_grad=view.weight.requires_grad)
+    module.weight = nn.Parameter(weight, requires_grad=view.weight.requires_grad)
+    module.bias = nn.Parameter(bias, requires_grad=view.weight.requires_grad)
     return module
 
 
@@ -257,15 +257,17 @@ class FuseBatchNorm(Pass):
 
     def _fold_after(self, gm: GraphModule, view, bn: BatchNormView, call_sites: dict[int, int]) -> None:
         """BN(view(x)) -> view'(x)."""
+        # scale and shift in float64; the weights are scaled in their own dtype (one rounding,
+        # and no float64 copy of large weight tensors)
         dtype = view.weight.dtype
         scale, shift = bn.scale_shift(torch.float64)
-        weight = view.weight.detach().double()
+        weight = view.weight.detach()
         bias = view.bias.detach().double() if view.bias is not None else torch.zeros_like(scale)
-        new_bias = bias * scale + shift
+        new_bias = (bias * scale + shift).to(dtype)
         if isinstance(view, LinearView):
-            module = _new_linear(view, (weight * scale[:, None]).to(dtype), new_bias.to(dtype))
+            module = _new_linear(view, weight * scale.to(dtype)[:, None], new_bias)
         else:
-            module = _new_conv(view, _out_channel_scale(view, weight, scale).to(dtype), new_bias.to(dtype))
+            module = _new_conv(view, _out_channel_scale(view, weight, scale.to(dtype)), new_bias)
         new = replace_with_module(gm, bn.output, module, (view.input,), _folded_name(view))
         copy_meta(view.node, new)
         self.decide(f"{_site(view)} + {_site(bn)}", "applied",
@@ -275,16 +277,16 @@ class FuseBatchNorm(Pass):
         """view(BN(x)) -> view'(x) (+ a constant bias map where padding reads zeros)."""
         dtype = view.weight.dtype
         scale, shift = bn.scale_shift(torch.float64)
-        weight = view.weight.detach().double()
+        weight = view.weight.detach()
         bias = view.bias.detach().double() if view.bias is not None else None
         bias_map = None
         if isinstance(view, LinearView):
-            new_weight = weight * scale[None, :]
-            new_bias = weight @ shift + (bias if bias is not None else 0.0)
-            module = _new_linear(view, new_weight.to(dtype), new_bias.to(dtype))
+            new_weight = weight * scale.to(dtype)[None, :]
+            new_bias = weight.double() @ shift + (bias if bias is not None else 0.0)
+            module = _new_linear(view, new_weight, new_bias.to(dtype))
             how = "BatchNorm folded into the following linear"
         else:
-            new_weight = _in_channel_scale(view, weight, scale)
+            new_weight = _in_channel_scale(view, weight, scale.to(dtype))
             response = _shift_response(view, shift, output_shape(bn.input) or torch.Size())
             base = bias if bias is not None else torch.zeros(view.out_channels, dtype=torch.float64)
             if _pads_with_zeros(view):
@@ -295,7 +297,7 @@ class FuseBatchNorm(Pass):
                 dims = tuple(range(2, response.dim()))
                 new_bias = base + response.mean(dim=dims).reshape(-1)
                 how = "BatchNorm folded into the following conv"
-            module = _new_conv(view, new_weight.to(dtype), new_bias.to(dtype))
+            module = _new_conv(view, new_weight, new_bias.to(dtype))
         new = replace_with_module(gm, view.output, module, (bn.input,), _folded_name(view))
         copy_meta(view.node, new)
         if bias_map is not None:

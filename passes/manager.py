@@ -194,12 +194,13 @@ def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
         new.__dict__.update(module.__dict__)
     else:
         new = copy.copy(module)
-    new._modules = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    state = new.__dict__  # written directly: nn.Module.__setattr__ is slow and these are plain containers
+    state["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    state["_parameters"] = dict(module._parameters)
+    state["_buffers"] = dict(module._buffers)
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     if isinstance(module, GraphModule):
-        new.meta = dict(module.meta)
+        state["meta"] = dict(module.meta)
         new.graph = copy.deepcopy(module.graph)  # sets owning_module and recompiles
     return new
 

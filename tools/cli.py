@@ -25,8 +25,11 @@ SUBCOMMANDS = (
     "hant.tools.cmd_inspect",
     "hant.tools.cmd_profile",
     "hant.tools.cmd_fit",
+    "hant.tools.cmd_eval_cost",
     "hant.tools.cmd_substitute",
     "hant.tools.cmd_optimize",
+    "hant.tools.cmd_diff",
+    "hant.tools.cmd_demo",
 )
 
 

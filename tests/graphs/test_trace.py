@@ -70,10 +70,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 X = torch.randn(2, 3, 16, 16)
 
 
-def test_symbolic_is_the_canonical_form():
-    model = randomize_bn(torchvision.models.resnet18())
-    x = torch.randn(1, 3, 32, 32)
-    gm = trace(model, x)
+def test_symbolic_is_the_canonical_form(capture):
+    model, x, gm = capture("resnet18", "symbolic")
+    assert trace(model, x).meta["hant_trace_method"] == "symbolic"  # what "auto" picks
     assert gm.meta["hant_trace_method"] == "symbolic"
     assert any(n.op == "call_module" and n.target == "layer1.0.conv1" for n in gm.graph.nodes)
     assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "call_module"))
@@ -91,10 +90,8 @@ def test_shape_dependent_model_falls_back_to_export():
         assert max_rel_error(model(X), gm(X)) <= 1e-6
 
 
-def test_method_export_forces_the_export_form():
-    model = randomize_bn(torchvision.models.resnet18())
-    x = torch.randn(1, 3, 32, 32)
-    gm = trace(model, x, method="export")
+def test_method_export_forces_the_export_form(capture):
+    model, x, gm = capture("resnet18", "export")
     assert gm.meta["hant_trace_method"] == "export"
     assert not any(n.op == "call_module" and n.target == "layer1.0.conv1" for n in gm.graph.nodes)
     with torch.no_grad():
@@ -161,7 +158,7 @@ def test_hant_errors_are_hant_errors():
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
 def test_user_model_is_untouched(method):
-    model = randomize_bn(torchvision.models.mobilenet_v2()).train()  # train mode: BN would update its stats
+    model = randomize_bn(torchvision.models.resnet18()).train()  # train mode: BN would update its stats
     before = _state(model)
     parameters = {name: p for name, p in model.named_parameters()}
     gm = trace(model, torch.randn(2, 3, 32, 32), method=method)

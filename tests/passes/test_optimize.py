@@ -41,9 +41,13 @@ def example(dtype=torch.float32):
 
 @pytest.fixture(scope="module", params=MODELS)
 def optimized(request):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model, x = build(request.param), example()
     state = copy.deepcopy(model.state_dict())
-    result = hant.optimize(model, x, passes="exact", cost="roofline:cpu", check=True, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        result = hant.optimize(model, x, passes="exact", cost="roofline:cpu", check=True, rtol=1e-4, atol=1e-5)
+    torch.set_num_threads(threads)
     return request.param, model, state, x, result
 
 
