@@ -81,6 +81,8 @@ def main() -> int:
     parser.add_argument("--columns", help="comma-separated device columns (default: all 21, or the quick 7)")
     parser.add_argument("--test-size", type=int, help="held-out rows scored (default all 14,725; quick 3,000)")
     parser.add_argument("--folds", type=int, default=3, help="device folds for few-shot transfer (default 3)")
+    parser.add_argument("--pretrain-rows", type=int, default=300,
+                        help="networks (of the first 900) the few-shot model is pre-trained on (default 300)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -108,7 +110,7 @@ def main() -> int:
     ref_pool = [archs[i] for i in order[:900]]
     references = pick_references(ref_pool, [fam.featurize(a) for a in ref_pool], k=10)
     ref_rows = [archs.index(a) for a in references]
-    pretrain_rows = order[:900]
+    pretrain_rows = order[:args.pretrain_rows]
     folds = [columns[k::args.folds] for k in range(args.folds)]
     pretrained, pretrain_s = {}, []
     for fold in folds:
@@ -118,7 +120,7 @@ def main() -> int:
         idx = [columns.index(c) for c in sources]
         t0 = time.perf_counter()
         model = pretrain([archs[i] for i in pretrain_rows], y_all[np.ix_(pretrain_rows, idx)], sources, fam,
-                         references, y_all[np.ix_(ref_rows, idx)], seed=0)
+                         references, y_all[np.ix_(ref_rows, idx)], layers=2, steps=200, seed=0)
         pretrain_s.append(time.perf_counter() - t0)
         for c in fold:
             pretrained[c] = model
@@ -145,7 +147,7 @@ def main() -> int:
         results[column] = res
         print(column, {k: round(v["spearman_rho"], 4) for k, v in res.items()}, file=sys.stderr, flush=True)
 
-    write(args, results, fit_times, pretrain_s, featurise_s, len(held_out), folds, references)
+        write(args, results, fit_times, pretrain_s, featurise_s, len(held_out), folds, references)
     return 0
 
 
@@ -182,7 +184,6 @@ def write(args, results, fit_times, pretrain_s, featurise_s, n_test, folds, refe
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     ``example_inputs``: a tensor or tuple of tensors (the graph is exported for their
     shapes). ``opset`` defaults to :data:`DEFAULT_OPSET`. With ``check`` the ONNX model
     must pass ``onnx.checker`` and reproduce the module's outputs in onnxruntime within
-    ``rtol``/``atol`` (max-normalised, per output tensor); put the module in eval mode first. Raises :class:`ExportError`
-    when export, simplification or the check fails; the file is then removed.
+    ``rtol``/``atol`` (max-normalised, per output tensor); put the module in eval mode first.
+    Raises :class:`ExportError` when export, simplification or the check fails; the file is
+    then removed. Returns an :class:`OnnxExport` (usable as a path).
     """
     import onnx
 

@@ -35,7 +35,7 @@ import operator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from hant.graphs.ops import BatchNormView, ConvView, LinearView, batchnorm_of, conv_of, linear_of, output_shape
 from hant.passes.base import Pass, PassResult, register

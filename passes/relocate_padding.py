@@ -99,43 +99,46 @@ def chain_paths(gm: GraphModule, member: Callable[[Node], bool]) -> list[list[No
 
 # ---------------------------------------------------------------- composition algebra (float64)
 
-def _dense_kernel(view: ConvView) -> torch.Tensor:
-    """The conv's weight as a dense (groups=1), dilation-expanded float64 kernel."""
-    w = view.weight.detach().to(_F64)
-    g = view.groups
-    cout, cin_g = w.shape[:2]
-    dense = torch.zeros((cout, cin_g * g) + tuple(w.shape[2:]), dtype=_F64)
-    og = cout // g
-    for j in range(g):
-        dense[j * og:(j + 1) * og, j * cin_g:(j + 1) * cin_g] = w[j * og:(j + 1) * og]
-    if any(d != 1 for d in view.dilation):
-        size = tuple(d * (k - 1) + 1 for d, k in zip(view.dilation, w.shape[2:]))
-        dilated = torch.zeros(dense.shape[:2] + size, dtype=_F64)
-        dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in view.dilation)] = dense
-        dense = dilated
+def _dilated(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
+    """A kernel with dilation expanded into explicit zeros."""
+    if all(d == 1 for d in dilation):
+        return weight
+    size = tuple(d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:]))
+    out = torch.zeros(weight.shape[:2] + size, dtype=weight.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = weight
+    return out
+
+
+def _densify(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped kernel (out, in/groups, k...) as the equivalent dense one (out, in, k...)."""
+    if groups == 1:
+        return weight
+    cout, cin_g = weight.shape[:2]
+    og = cout // groups
+    dense = torch.zeros((cout, cin_g * groups) + tuple(weight.shape[2:]), dtype=weight.dtype)
+    for j in range(groups):
+        dense[j * og:(j + 1) * og, j * cin_g:(j + 1) * cin_g] = weight[j * og:(j + 1) * og]
     return dense
 
 
 @dataclass
 class _Affine:
-    """``y = conv(pad_P(x), weight, stride) + bias`` with dense float64 weight."""
+    """``y = conv(pad_P(x), weight, stride, groups) + bias``: float64, dilation expanded."""
     weight: torch.Tensor
     bias: torch.Tensor
     stride: tuple[int, ...]
     padding: tuple[int, ...]
-    groups: set = field(default_factory=set)
+    groups: int
 
 
 def _then_conv(acc: _Affine | None, view: ConvView) -> _Affine:
+    w = _dilated(view.weight.detach().to(_F64), view.dilation)
     b = view.bias.detach().to(_F64) if view.bias is not None else torch.zeros(view.out_channels, dtype=_F64)
     if acc is None:
-        return _Affine(_dense_kernel(view), b, tuple(view.stride), tuple(view.padding), {view.groups})
-    w = view.weight.detach().to(_F64)
-    if any(d != 1 for d in view.dilation):
-        w = _dense_kernel(view)
-        groups = 1
-    else:
-        groups = view.groups
+        return _Affine(w, b, tuple(view.stride), tuple(view.padding), view.groups)
+    groups = view.groups
+    if groups != acc.groups:       # group structures differ: the composite is dense
+        acc = _Affine(_densify(acc.weight, acc.groups), acc.bias, acc.stride, acc.padding, 1)
     n = w.dim() - 2
     transpose = getattr(F, f"conv_transpose{n}d")
     # W[o, i] = sum_c sum_t w[o, c, t] * acc.W[c, i, u - S*t]: a transposed conv of acc.W by w.
@@ -148,7 +151,7 @@ def _then_conv(acc: _Affine | None, view: ConvView) -> _Affine:
     bias = (summed.reshape(groups, og, ig) @ acc.bias.reshape(groups, ig, 1)).reshape(-1) + b
     padding = tuple(p + q * s for p, q, s in zip(acc.padding, view.padding, acc.stride))
     stride = tuple(s * t for s, t in zip(acc.stride, view.stride))
-    return _Affine(weight, bias, stride, padding, acc.groups | {view.groups})
+    return _Affine(weight, bias, stride, padding, acc.groups)
 
 
 def _then_bn(acc: _Affine, view: BatchNormView) -> _Affine:
@@ -171,17 +174,14 @@ def _compose(views: list) -> _Affine:
 
 def _to_module(acc: _Affine, dtype: torch.dtype) -> nn.Module:
     n = acc.weight.dim() - 2
-    cout, cin = acc.weight.shape[:2]
-    groups = next(iter(acc.groups)) if len(acc.groups) == 1 else 1
-    og, ig = cout // groups, cin // groups
-    grouped = torch.cat([acc.weight[j * og:(j + 1) * og, j * ig:(j + 1) * ig] for j in range(groups)])
+    cout, cin = acc.weight.shape[0], acc.weight.shape[1] * acc.groups
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n]
-    conv = conv_cls(cin, cout, tuple(acc.weight.shape[2:]), stride=acc.stride, padding=acc.padding, groups=groups,
-                    bias=True)
+    conv = conv_cls(cin, cout, tuple(acc.weight.shape[2:]), stride=acc.stride, padding=acc.padding,
+                    groups=acc.groups, bias=True, device="meta", dtype=dtype).to_empty(device="cpu")
     with torch.no_grad():
-        conv.weight.copy_(grouped.to(dtype))
+        conv.weight.copy_(acc.weight.to(dtype))
         conv.bias.copy_(acc.bias.to(dtype))
-    return conv.to(dtype)
+    return conv
 
 
 # ---------------------------------------------------------------- planning

@@ -5,6 +5,11 @@ under the PassManager (every exact pass checked on those inputs, rolled back whe
 numerics), the report table is printed, and the result is written in the format the
 ``--out`` suffix names: ``.onnx`` (exported, simplified and checked with onnxruntime),
 ``.pt`` (``torch.save`` of the module) or ``.pt2`` (a ``torch.export`` program).
+
+``--passes all`` is the exact preset, then the lossy ``remove_nonlinearity`` (latency target
+``--budget``, a fraction of the folded latency, calibrated on ``--data``), then the exact
+preset again; a comma list may name ``remove_nonlinearity`` among exact passes. Lossy passes
+need ``--data``; their output drift is reported (and accuracy, when the data has labels).
 """
 
 from __future__ import annotations
@@ -19,11 +24,27 @@ from hant.cost_models import get as get_cost_model
 from hant.errors import ExportError, InputError
 from hant.graphs.export import export_onnx
 from hant.passes import PRESETS, PassManager, available, resolve
+from hant.passes.manager import compare_outputs
+from hant.tools.datasets import DATA_HELP, load_task
 from hant.tools.models import add_model_arguments, model_and_inputs, trace_for_cli
 
 __all__ = ["add_parser", "run", "OUTPUT_SUFFIXES"]
 
 OUTPUT_SUFFIXES = (".onnx", ".pt", ".pt2")
+LOSSY = ("remove_nonlinearity",)
+
+
+def _segments(spec: str) -> list[str]:
+    """``spec`` cut into runs of PassManager passes and single lossy pass names, in order."""
+    names = ["exact", "remove_nonlinearity", "exact"] if spec.strip() == "all" else \
+        [n.strip() for n in spec.split(",") if n.strip()]
+    segments: list[str] = []
+    for name in names:
+        if name in LOSSY or not segments or segments[-1] in LOSSY:
+            segments.append(name)
+        else:
+            segments[-1] += f",{name}"
+    return segments
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,8 +57,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("--passes", default="exact", metavar="LIST",
-                        help=f"a preset ({', '.join(sorted(PRESETS))}) or a comma list of passes "
-                             f"({', '.join(available())}); default exact")
+                        help=f"a preset ({', '.join(sorted(PRESETS))}), 'all' (exact, remove_nonlinearity, exact; "
+                             f"needs --data) or a comma list of passes ({', '.join(available())}); default exact")
+    parser.add_argument("--budget", type=float, default=0.7, metavar="FRACTION",
+                        help="latency target of the lossy passes, a fraction of the latency before them "
+                             "(default 0.7)")
+    parser.add_argument("--data", metavar="DATA", help=f"calibration data for the lossy passes: {DATA_HELP}")
     parser.add_argument("--cost", default="roofline:cpu", metavar="SPEC",
                         help=f"cost-model spec (default roofline:cpu); prefixes: {', '.join(available_costs())}")
     parser.add_argument("--out", metavar="FILE", help="where to write the result: FILE.onnx, FILE.pt or FILE.pt2")
@@ -75,24 +100,57 @@ def run(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise InputError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    resolve(args.passes), get_cost_model(args.cost)  # unknown names fail before any model loads
+    segments = _segments(args.passes)
+    for segment in segments:
+        if segment not in LOSSY:
+            resolve(segment)                 # unknown names fail before any model loads
+    get_cost_model(args.cost)
+    lossy = [s for s in segments if s in LOSSY]
+    if lossy and not args.data:
+        raise InputError(f"--passes {args.passes} includes lossy {', '.join(lossy)}: give --data (e.g. --data digits)")
+    if lossy and not 0 < args.budget <= 1:
+        raise InputError(f"--budget is a fraction of the latency (0 < budget <= 1), got {args.budget}")
     loaded, inputs = model_and_inputs(args)
-    gm = trace_for_cli(loaded.module, inputs)
-    manager = PassManager(args.passes, cost=args.cost, check=inputs, rtol=args.rtol, atol=args.atol,
-                          fixed_point=True)
-    result = manager(gm)
-    print(result.report)
+    task = load_task(args.data) if lossy else None
+    gm = current = trace_for_cli(loaded.module, inputs)
+    sections, first_cost = [], None
+    for segment in segments:
+        if segment in LOSSY:
+            from hant.passes.remove_nonlinearity import linearize
+
+            calib = [b for _, b in zip(range(8), task.train)]
+            lossy_result = linearize(current, inputs, calib, latency_target=args.budget, cost=args.cost)
+            print(lossy_result.report)
+            sections.append(lossy_result.report.to_markdown())
+            current = lossy_result.module
+            continue
+        manager = PassManager(segment, cost=args.cost, check=inputs, rtol=args.rtol, atol=args.atol,
+                              fixed_point=True)
+        result = manager(current)
+        first_cost = first_cost or result.cost_before
+        print(result.report)
+        sections.append(result.report.to_markdown())
+        current = result.graph_module
     summary = []
-    if result.cost_before is not None:
-        before, after = result.cost_before.latency_s, result.cost_after.latency_s
+    if first_cost is not None:
+        before, after = first_cost.latency_s, get_cost_model(args.cost).graph_cost(current).latency_s
         summary.append(f"{loaded.name}: cost [{args.cost}] {before * 1e6:.1f} us -> {after * 1e6:.1f} us "
                        f"({before / after if after else float('inf'):.3f}x predicted)")
-    summary.append(f"max relative output error vs the original: {result.max_error:.2e}")
+    with torch.no_grad():
+        reference, output = gm(*inputs), current(*inputs)
+    _, error, _ = compare_outputs(reference, output, args.rtol, args.atol)
+    summary.append(f"max relative output error vs the original: {error:.2e}")
+    if task is not None and task.evaluate is not None:
+        summary.append(f"accuracy on {task.name}: {task.evaluate(gm) * 100:.2f}% -> "
+                       f"{task.evaluate(current) * 100:.2f}%")
     print("\n" + "\n".join(summary))
     if args.report:
+        from hant.tools.diff import diff
+
         text = (f"# hant optimize {loaded.name}\n\npasses: `{args.passes}`, input: "
-                f"{', '.join(str(tuple(t.shape)) for t in inputs)}\n\n{result.report.to_markdown()}\n\n"
-                + "\n".join(f"- {line}" for line in summary) + "\n")
+                f"{', '.join(str(tuple(t.shape)) for t in inputs)}\n\n" + "\n\n".join(sections) + "\n\n"
+                + "\n".join(f"- {line}" for line in summary)
+                + f"\n\n## Before against after\n\n```\n{diff(gm, current, args.cost)}\n```\n")
         try:
             with open(args.report, "w") as handle:
                 handle.write(text)
@@ -100,5 +158,5 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot write {args.report!r}: {exc.strerror or exc}") from exc
         print(f"wrote {args.report}")
     if args.out:
-        print(f"wrote {_save(result.graph_module, inputs, args.out)}")
+        print(f"wrote {_save(current, inputs, args.out)}")
     return 0

@@ -88,7 +88,7 @@ def train(kind: str, graphs: list[GraphFeatures], latency_s, *, config: dict | N
 
     ``config`` overrides :data:`DEFAULT_CONFIG` (sizes, fusion profile, steps, lr, ...).
     Adam on the squared error of log latency, over fixed mini-batches of ``batch_graphs``
-    graphs, with a cosine learning-rate decay; deterministic for a given seed.
+    graphs, with a cosine learning-rate decay; reproducible for a given seed up to float rounding.
     """
     if kind not in MODEL_KINDS:
         raise CostModelError(f"unknown learned model {kind!r}; use one of {', '.join(MODEL_KINDS)}")

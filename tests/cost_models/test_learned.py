@@ -17,7 +17,7 @@ from hant.cost_models.learned.perop import group_nodes
 from hant.cost_models.learned.predictor import Predictor
 from hant.cost_models.learned.transfer import adapt, pick_references, pretrain
 
-FAST = {"steps": 60}
+FAST = {"steps": 30}
 SLICE_ROWS = 60
 COLUMNS = ("gold_6240", "pixel3", "titanx_1")
 
@@ -74,10 +74,12 @@ def test_fit_table_round_trip_as_cost_model(slice_table, tmp_path, model):
     assert cost_model.node_cost(conv).macs == 3 * 16 * 9 * 32 * 32
 
 
-def test_fitting_is_deterministic_and_learns(slice_table):
-    a = fit_table(slice_table, "pixel3", train_size=40, seed=3, config={"steps": 150})
-    b = fit_table(slice_table, "pixel3", train_size=40, seed=3, config={"steps": 150})
-    assert a.metrics == b.metrics
+def test_fitting_is_reproducible_and_learns(slice_table):
+    a = fit_table(slice_table, "pixel3", train_size=40, seed=3, model="perop", config={"steps": 150})
+    b = fit_table(slice_table, "pixel3", train_size=40, seed=3, model="perop", config={"steps": 150})
+    assert a.test_rows == b.test_rows
+    for key, value in a.metrics.items():
+        assert b.metrics[key] == pytest.approx(value, rel=1e-2, abs=1e-3)
     assert a.metrics["spearman_rho"] > 0.5       # pixel3 latency is learnable from 40 rows
 
 
