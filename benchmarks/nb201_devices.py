@@ -8,9 +8,9 @@ measured latency, on held-out rows, for:
   closest preset (ranks only: it is not fitted to the device, so ±10 % is reported as is);
 * the graph network (``gnn``) and the per-kernel regressor (``perop``) trained on N = 10,
   100 and 900 rows of that device;
-* few-shot transfer: one graph network pre-trained on the devices of the other folds
-  (devices are split into folds; a device is never in its own pre-training), adapted from
-  its latencies on 10 fixed reference networks.
+* few-shot transfer: one graph network pre-trained (on 300 of the first 900 networks) on the
+  devices of the other folds (devices are split into 3 folds; a device is never in its own
+  pre-training), adapted from its latencies on 10 fixed reference networks.
 
 Split (seed 0): a permutation of the 15,625 rows; training rows are its first N; every
 method is scored on the same held-out rows, those after the first 900 (``--test-size`` caps

@@ -130,6 +130,7 @@ class ModelResult:
     metrics: dict
     seconds_per_prediction: float
     proxy: bool
+    failed: dict[str, str] = field(default_factory=dict)   # network -> why the model could not predict it
 
 
 @dataclass
@@ -139,9 +140,11 @@ class Comparison:
     results: list[ModelResult] = field(default_factory=list)
 
     def rows(self) -> list[list[Any]]:
-        """One row per model: label, tau, rho, ±10 %, MAPE, RMSE, ms per prediction (None: not defined)."""
-        return [[r.label, r.metrics["kendall_tau"], r.metrics["spearman_rho"], r.metrics["within10_pct"],
-                 r.metrics["mape_pct"], r.metrics["rmse_ms"], r.seconds_per_prediction * 1e3] for r in self.results]
+        """One row per model: label, networks scored, tau, rho, ±10 %, MAPE, RMSE, ms per prediction
+        (None: not defined)."""
+        return [[r.label, r.metrics["n"], r.metrics["kendall_tau"], r.metrics["spearman_rho"],
+                 r.metrics["within10_pct"], r.metrics["mape_pct"], r.metrics["rmse_ms"],
+                 r.seconds_per_prediction * 1e3] for r in self.results]
 
     def table(self, fmt: str = "simple") -> str:
         """The metrics table (``tabulate`` format ``fmt``); '—' where a metric is not defined."""
@@ -150,9 +153,9 @@ class Comparison:
         def cell(value, digits):
             return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
-        body = [[label, cell(tau, 3), cell(rho, 3), cell(w, 0), cell(mape, 1), cell(rmse, 2), cell(ms, 2)]
-                for label, tau, rho, w, mape, rmse, ms in self.rows()]
-        headers = ["model", "Kendall τ", "Spearman ρ", "±10 % (%)", "MAPE (%)", "RMSE (ms)", "ms/prediction"]
+        body = [[label, str(n), cell(tau, 3), cell(rho, 3), cell(w, 0), cell(mape, 1), cell(rmse, 2), cell(ms, 2)]
+                for label, n, tau, rho, w, mape, rmse, ms in self.rows()]
+        headers = ["model", "networks", "Kendall τ", "Spearman ρ", "±10 % (%)", "MAPE (%)", "RMSE (ms)", "ms/prediction"]
         return tabulate(body, headers, tablefmt=fmt, disable_numparse=True)
 
     def networks_table(self, fmt: str = "simple") -> str:
@@ -164,8 +167,8 @@ class Comparison:
         for name, m in sorted(self.measured_s.items(), key=lambda kv: kv[1]):
             row = [name, f"{m * 1e3:.2f}"]
             for r in self.results:
-                v = r.predicted[name]
-                row.append(f"{v:.3g}" if r.proxy else f"{v * 1e3:.2f}")
+                v = r.predicted.get(name)
+                row.append("failed" if v is None else f"{v:.3g}" if r.proxy else f"{v * 1e3:.2f}")
             body.append(row)
         return tabulate(body, headers, tablefmt=fmt, disable_numparse=True)
 
@@ -177,9 +180,13 @@ def compare(graphs: Mapping[str, GraphModule], measured_s: Mapping[str, float],
     ``models``: spec strings (labelled by themselves) or ``{label: spec or model object}``.
     Each prediction is ``graph_cost(gm).total.latency_s`` (a proxy's score for ``flops`` and
     ``params``), timed with ``time.perf_counter``; the figure is the median over the graphs.
-    Raises :class:`CostModelError` for a graph without a measurement, a bad spec, or fewer
-    than two graphs.
+    A model that raises :class:`CostModelError` for a graph is scored on the other graphs, and
+    the result's ``failed`` says why (its metrics' ``n`` counts the graphs scored; with fewer than
+    two, every metric is None). Raises :class:`CostModelError` for a graph without a
+    measurement, a bad spec, or fewer than two graphs.
     """
+    if len(graphs) < 2:
+        raise CostModelError(f"comparing cost models needs at least two networks, got {len(graphs)}")
     missing = [name for name in graphs if name not in measured_s]
     if missing:
         raise CostModelError(f"no measurement for {', '.join(missing)}; measure every graph first")
@@ -188,13 +195,23 @@ def compare(graphs: Mapping[str, GraphModule], measured_s: Mapping[str, float],
     comparison = Comparison(measured)
     for label, spec in named.items():
         model, proxy = resolve(spec)
-        predicted, seconds = {}, []
+        predicted, seconds, failed = {}, [], {}
         for name, gm in graphs.items():
             start = time.perf_counter()
-            report = model.graph_cost(gm)
+            try:
+                report = model.graph_cost(gm)
+            except CostModelError as exc:
+                failed[name] = str(exc)
+                continue
             seconds.append(time.perf_counter() - start)
             predicted[name] = proxy(report) if proxy else float(report.total.latency_s)
-        names = list(graphs)
-        scores = metrics([predicted[n] for n in names], [measured[n] for n in names], absolute=proxy is None)
-        comparison.results.append(ModelResult(label, predicted, scores, float(np.median(seconds)), proxy is not None))
+        names = list(predicted)
+        if len(names) >= 2:
+            scores = metrics([predicted[n] for n in names], [measured[n] for n in names], absolute=proxy is None)
+        else:
+            scores = dict.fromkeys(("rmse_ms", "mape_pct", "within10_pct", "kendall_tau", "spearman_rho"), None)
+            scores["n"] = len(names)
+        comparison.results.append(ModelResult(label, predicted, scores,
+                                              float(np.median(seconds)) if seconds else math.nan,
+                                              proxy is not None, failed))
     return comparison

@@ -16,3 +16,9 @@ from hant.graphs.export import export_onnx
 from hant.passes import OptimizeResult, PassManager, optimize
 
 __all__ += ["optimize", "OptimizeResult", "PassManager", "export_onnx"]
+from hant.tools.diff import diff
+
+__all__ += ["diff"]
+from hant.passes import LinearizeResult, finetune, linearize
+
+__all__ += ["linearize", "LinearizeResult", "finetune"]

@@ -127,10 +127,12 @@ def min_importance_for_saving(gains: Sequence[float], importances: Sequence[floa
     """Minimise ``sum(importances[chosen])`` subject to ``sum(gains[chosen]) >= saving``.
 
     With a latency target, ``saving = baseline_latency - target_latency``. Units with gain
-    <= 0 are never chosen. Raises :class:`PassError` naming the largest reachable saving when
+    <= 0 are never chosen, and nothing is chosen when ``saving <= 0``. Raises :class:`PassError` naming the largest reachable saving when
     no selection reaches ``saving``.
     """
     g, imp = _check_vectors(gains, importances)
+    if saving <= 0:                 # the target is met already: nothing needs to go
+        return Selection((), 0.0, 0.0)
     rows = [g] + _exclusion_rows(exclusive, len(g))
     lower = [saving - _SLACK * max(1.0, abs(saving))] + [-np.inf] * (len(rows) - 1)
     upper = [np.inf] + [1.0] * (len(rows) - 1)

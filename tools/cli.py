@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     "hant.tools.cmd_optimize",
     "hant.tools.cmd_diff",
     "hant.tools.cmd_demo",
+    "hant.tools.cmd_linearize",
 )
 
 

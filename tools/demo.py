@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 from tabulate import tabulate
-from torch.fx import GraphModule
 
 from hant.cost_models import get as get_cost_model
 from hant.graphs import trace
@@ -55,9 +54,11 @@ class DemoConfig:
 
     ``substitute_cost`` prices the candidates for the budget (``measured:...`` times them on
     this machine); ``inspect_cost`` prices the nodes of the inspect table and graph colours;
-    ``nonlinearity_cost`` prices units of remove_nonlinearity. ``candidates`` are the
+    ``nonlinearity_cost`` prices units of remove_nonlinearity, which removes the activations
+    of least output distortion that bring the folded latency to ``nonlinearity_target``. ``candidates`` are the
     substitution families (``identity`` and low-rank ``svd`` keep distillation affordable on
-    2 cores; add ``dws``, ``ir``, ... for a wider search).
+    2 cores; add ``dws``, ``ir``, ... for a wider search); ``sites`` limits substitution to
+    those module paths (None: every natural block).
     """
     budget: float = 0.7
     budgets: tuple[float, ...] = (0.5, 0.7, 0.9)
@@ -65,11 +66,12 @@ class DemoConfig:
     inspect_cost: str = "measured:cpu-onnxruntime"
     nonlinearity_cost: str = "roofline:cpu"
     candidates: tuple[str, ...] = ("identity", "svd")
-    steps: int = 150
+    sites: tuple[str, ...] | None = None
+    steps: int = 100
     calibration_batches: int = 8
-    nonlinearity_budget: float = 0.05
-    max_unit_size: int = 2
-    finetune_epochs: int = 3
+    nonlinearity_target: float = 0.9
+    max_unit_size: int = 1
+    finetune_epochs: int = 2
     finetune_steps: int | None = None
     timing_runs: int = 200
     timing_warmup: int = 20
@@ -77,7 +79,8 @@ class DemoConfig:
 
 DEFAULT = DemoConfig()
 QUICK = DemoConfig(budget=0.8, budgets=(0.8,), substitute_cost="roofline:cpu", inspect_cost="roofline:cpu",
-                   steps=3, calibration_batches=1, max_unit_size=1, finetune_epochs=1, finetune_steps=4,
+                   sites=("features.3", "features.5"), steps=3, calibration_batches=1, max_unit_size=1,
+                   finetune_epochs=1, finetune_steps=4,
                    timing_runs=15, timing_warmup=3)
 
 
@@ -216,7 +219,8 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
     echo(f"== 3/6 substitute under a latency budget of {config.budget:.2f} x teacher, priced by "
          f"{config.substitute_cost} (candidates: {', '.join(config.candidates)}; {config.steps} distillation steps)")
     sub = substitute(teacher, x, train_loader, budget=config.budget, budgets=config.budgets,
-                     cost=config.substitute_cost, candidates=list(config.candidates), run_dir=out / "substitute",
+                     cost=config.substitute_cost, candidates=list(config.candidates),
+                     sites=list(config.sites) if config.sites else None, run_dir=out / "substitute",
                      steps=config.steps, calibration_batches=config.calibration_batches,
                      evaluate=lambda m: digits.evaluate(m, test_loader), measure=None)
     echo(sub.report())
@@ -225,10 +229,10 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
                     f"{sub.report()}\n\nEvery budget solved from the same distillation (predicted by the cost "
                     f"model, accuracy measured on the test split):\n\n{sub.pareto_table()}")
 
-    echo(f"== 4/6 remove_nonlinearity (importance budget {config.nonlinearity_budget}, units of up to "
-         f"{config.max_unit_size} activations, priced by {config.nonlinearity_cost})")
+    echo(f"== 4/6 remove_nonlinearity (latency target {config.nonlinearity_target:.2f} x folded, units of up to "
+         f"{config.max_unit_size} activation(s), least output distortion, priced by {config.nonlinearity_cost})")
     calib = [b for _, b in zip(range(config.calibration_batches), train_loader)]
-    lin = linearize(sub.student, x, calib, budget=config.nonlinearity_budget, cost=config.nonlinearity_cost,
+    lin = linearize(sub.student, x, calib, latency_target=config.nonlinearity_target, cost=config.nonlinearity_cost,
                     max_unit_size=config.max_unit_size)
     echo(str(lin.report))
     record("remove_nonlinearity", f"{len(lin.removed)} activation(s) removed, chains folded", lin.module, False)
@@ -262,7 +266,7 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
     _write_report(result, config, sections)
     echo("")
     echo(result.table())
-    echo(f"\nwrote {out / 'report.md'}, {', '.join(str(p) for p in result.files.values())}"
+    echo(f"\nwrote {', '.join(str(p) for p in result.files.values())}"
          + ("" if result.graphs_rendered else " (Graphviz 'dot' is not installed: the graphs are DOT text)"))
     return result
 

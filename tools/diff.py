@@ -89,7 +89,7 @@ def _region(node, depth: int) -> str:
     return ".".join(path.split(".")[:depth]) if path else ROOT
 
 
-def _rows(gm: GraphModule, report: CostReport) -> dict[str, CostRow]:
+def _rows(report: CostReport) -> dict[str, CostRow]:
     return {row.node: row for row in report.rows}
 
 
@@ -97,7 +97,7 @@ def compare(gm_a: GraphModule, gm_b: GraphModule, cost: Any = "roofline:cpu", *,
     """Price both graphs (traced, with shapes in meta) with ``cost`` and match their nodes by name."""
     model = get_cost_model(cost)
     report_a, report_b = model.graph_cost(gm_a), model.graph_cost(gm_b)
-    rows_a, rows_b = _rows(gm_a, report_a), _rows(gm_b, report_b)
+    rows_a, rows_b = _rows(report_a), _rows(report_b)
     nodes_a = {n.name: n for n in gm_a.graph.nodes if n.name in rows_a}
     nodes_b = {n.name: n for n in gm_b.graph.nodes if n.name in rows_b}
     result = GraphDiff(getattr(model, "name", type(model).__name__), total_before_s=report_a.latency_s,

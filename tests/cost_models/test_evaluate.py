@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -129,9 +128,35 @@ def test_compare_takes_a_list_of_specs(graphs):
     assert [r.label for r in result.results] == ["flops", "roofline:cpu"]
 
 
-def test_compare_needs_every_measurement(graphs):
+def test_compare_needs_every_measurement_and_two_graphs(graphs):
     with pytest.raises(CostModelError, match="large"):
         compare(graphs, {"small": 1.0, "medium": 2.0}, ["flops"])
+    with pytest.raises(CostModelError, match="two networks"):
+        compare({"small": graphs["small"]}, {"small": 1.0}, ["flops"])
+
+
+class _RefusesLarge(RooflineModel):
+    """A roofline that refuses graphs of more than ``limit`` nodes (the 3 test graphs have 9, 11, 13)."""
+
+    def __init__(self, limit: int):
+        super().__init__("cpu")
+        self.limit = limit
+
+    def graph_cost(self, gm):
+        if len(gm.graph.nodes) > self.limit:
+            raise CostModelError("too big for this model")
+        return super().graph_cost(gm)
+
+
+def test_a_model_that_cannot_predict_a_graph_is_scored_on_the_rest(graphs):
+    measured = {"small": 1e-4, "medium": 3e-4, "large": 9e-4}
+    result = compare(graphs, measured, {"partial": _RefusesLarge(11), "full": "roofline:cpu", "lone": _RefusesLarge(9)})
+    partial, full, lone = result.results
+    assert set(partial.failed) == {"large"} and "too big" in partial.failed["large"]
+    assert partial.metrics["n"] == 2 and full.metrics["n"] == 3 and not full.failed
+    assert partial.metrics["kendall_tau"] == pytest.approx(1.0)
+    assert lone.metrics["n"] == 1 and lone.metrics["kendall_tau"] is None and lone.metrics["mape_pct"] is None
+    assert "failed" in result.networks_table() and "—" in result.table()
 
 
 def test_measure_networks_reuses_stored_graphs(graphs, tmp_path, monkeypatch):
@@ -147,4 +172,3 @@ def test_measure_networks_reuses_stored_graphs(graphs, tmp_path, monkeypatch):
     monkeypatch.setattr(MeasuredModel, "measure_module", never)
     measured = measure_networks(graphs, "onnxruntime", threads=1, db=str(db), progress=False)
     assert measured == pytest.approx({"small": 1e-3, "medium": 2e-3, "large": 3e-3})
-    assert np.all(np.array(list(measured.values())) > 0)

@@ -74,6 +74,7 @@ def test_fit_table_round_trip_as_cost_model(slice_table, tmp_path, model):
     assert cost_model.node_cost(conv).macs == 3 * 16 * 9 * 32 * 32
 
 
+@pytest.mark.slow
 def test_fitting_is_reproducible_and_learns(slice_table):
     a = fit_table(slice_table, "pixel3", train_size=40, seed=3, model="perop", config={"steps": 150})
     b = fit_table(slice_table, "pixel3", train_size=40, seed=3, model="perop", config={"steps": 150})
@@ -221,6 +222,7 @@ def test_unknown_model_kind_raises(slice_table):
         fit_table(slice_table, "pixel3", train_size=10, model="xgboost")
 
 
+@pytest.mark.slow
 def test_cli_fit_from_a_table(slice_table, tmp_path, capsys):
     from hant.tools.cli import main
     out = tmp_path / "cli.pt"
@@ -231,3 +233,26 @@ def test_cli_fit_from_a_table(slice_table, tmp_path, capsys):
     assert Predictor.load(out).metadata["target_column"] == "pixel3"
     assert main(["fit", "--table", slice_table, "--target", "nope", "--out", str(out)]) == 2
     assert "no column 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_db_round_trip_on_a_store(tmp_path, capsys):
+    """Networks of a latency store (hant profile's table) -> fit -> learned:PATH on a stored network."""
+    from hant.cost_models.learned import fit_db
+    from hant.cost_models.netspace import build, input_shape, sample_spec
+    from hant.cost_models.store import LatencyStore, RuntimeKey, Spread
+
+    key = RuntimeKey("onnxruntime", "test", 1, "test-cpu")
+    specs = [sample_spec(seed, "tiny") for seed in range(8)]
+    with LatencyStore(tmp_path / "data.db") as store:
+        for k, spec in enumerate(specs):
+            store.put_network(spec, input_shape(spec), key, 1e-3 * (1 + k), Spread(0.0, 1e-3, 1e-3, 5, 0.01))
+    out = tmp_path / "db.pt"
+    result = fit_db(tmp_path / "data.db", model="perop", out=out, holdout=0.25, config={"steps": 20})
+    assert "Kendall tau" in capsys.readouterr().out
+    assert len(result.test_rows) == 2 and len(result.train_rows) == 6
+    spec = specs[result.test_rows[0]]
+    report = get(f"learned:{out}").graph_cost(hant.trace(build(spec), torch.randn(*input_shape(spec))))
+    assert report.latency_s > 0
+    with pytest.raises(hant.CostModelError, match="no latency store"):
+        fit_db(tmp_path / "missing.db")

@@ -87,6 +87,7 @@ def test_there_are_15625_distinct_cells():
     assert all(arch_string(parse_arch(a)) == a for a in archs[::997])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_assembled_features_equal_traced_features(seed):
     """NB201Family assembles a network's features from pieces; they must equal a real trace's."""

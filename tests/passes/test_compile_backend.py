@@ -56,7 +56,7 @@ def test_compiled_outputs_match_and_batchnorm_is_folded(dtype, tol):
 def test_registered_name_runs_through_inductor():
     from hant.passes.compile_backend import register
 
-    register()      # no-op when the entry point already registered it
+    register()      # by hand, as a checkout whose package metadata is stale would; a no-op when done before
     torch._dynamo.reset()
     model = _model(torch.float32)
     x = torch.randn(1, 3, 8, 8)
@@ -91,3 +91,10 @@ def test_training_graph_is_left_alone_and_bad_option_is_refused():
     assert model.conv1.weight.grad is not None
     with pytest.raises(PassError, match="unknown option"):
         hant_backend(torch.fx.symbolic_trace(model), [x], options={"bogus": 1})
+
+
+def test_entry_point_names_the_backend():
+    from importlib.metadata import entry_points
+
+    (point,) = [p for p in entry_points(group="torch_dynamo_backends") if p.name == "hant"]
+    assert point.load() is hant_backend

@@ -25,7 +25,7 @@ def test_quick_demo_runs_end_to_end_and_reports_what_it_printed(tmp_path, capsys
         line = re.search(rf"^\[{step}\] latency ([\d.]+) ms .*accuracy ([\d.]+)%", printed, re.M)
         assert line, f"step {step} printed no measurement"
         latency, accuracy = line.groups()
-        row = re.search(rf"^\| {step} +\|[^|]*\| +([\d.]+) \|[^|]*\| +([\d.]+) \|", report, re.M)
+        row = re.search(rf"^\| {step} +\|[^|]*\| +([\d.]+) +\|[^|]*\| +([\d.]+) +\|", report, re.M)
         assert row, f"step {step} missing from report.md"
         assert row.groups() == (latency, accuracy), f"{step}: report {row.groups()} != printed {latency, accuracy}"
         assert float(latency) > 0

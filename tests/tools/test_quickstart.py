@@ -37,7 +37,7 @@ def test_quick_start_is_exactly_make_demo_and_make_test():
 def test_demo_and_test_install_first_and_install_pins_the_local_torch():
     recipes = _make_recipes()
     assert recipes["demo"][0] == "demo: install" and recipes["test"][0] == "test: install"
-    assert "$(PYTHON) -m hant.tools inspect" in recipes["demo"]
+    assert "$(PYTHON) -m hant.tools demo" in recipes["demo"]
     assert "$(PYTHON) -m pytest -q" in recipes["test"]
     install = recipes["install"]
     assert "$(PYTHON) -m pip install torch==2.14.1 torchvision==0.29.1" in install
