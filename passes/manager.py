@@ -17,6 +17,10 @@ For every pass it runs, in order (repeated to a fixed point when asked):
    from before it is kept and the report says why. A lossy pass reports its drift;
 4. the cost model prices the graph before and after (``graph_cost(gm).latency_s``).
 
+With ``fixed_point`` the list is repeated until a whole round changes nothing (at most
+``max_iterations`` rounds); a pass that already left the current graph unchanged is not
+run on it again (passes are deterministic).
+
 Without check inputs, shapes are propagated with random inputs built from the
 placeholders' ``tensor_meta`` and no numeric check is made.
 """
@@ -313,15 +317,16 @@ class PassManager:
         seen_decisions: set[Decision] = set()
         cost_report = cost_first = self._cost(current)
         any_modified = False
-        # An idempotent pass has nothing to do on a graph that has not changed since it last
-        # ran (it made it, or saw it unchanged): it is skipped. ``version`` counts kept changes.
-        version, seen_at = 0, {}
+        # A pass that ran on this very graph and left it unchanged would leave it unchanged
+        # again (passes are deterministic): it is skipped. ``version`` counts kept changes.
+        # A pass that changed the graph runs again even when it claims to be idempotent.
+        version, unchanged_at = 0, {}
         iterations = self.max_iterations if self.fixed_point else 1
         for iteration in range(1, iterations + 1):
             changed_this_round = False
             for index, pass_ in enumerate(passes):
                 key = type(pass_) if isinstance(self.passes[index], type) else id(pass_)
-                if pass_.idempotent and seen_at.get(key) == version:
+                if unchanged_at.get(key) == version:
                     continue
                 current, reference, cost_report, row, decisions = self._run_one(
                     pass_, iteration, current, inputs, reference, cost_report, context)
@@ -333,7 +338,8 @@ class PassManager:
                 if row.modified and not row.rolled_back:
                     changed_this_round = any_modified = True
                     version += 1
-                seen_at[key] = version
+                else:
+                    unchanged_at[key] = version
             if not changed_this_round:
                 break
         max_error = None

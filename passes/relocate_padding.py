@@ -27,7 +27,6 @@ The registered pass ``relocate_padding`` plans, relocates and merges every chain
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -39,7 +38,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from hant.graphs.ops import (
-    BatchNormView, ConvView, add_of, batchnorm_of, conv_of, is_identity_like, module_of, output_dtype, output_shape,
+    BatchNormView, ConvView, add_of, batchnorm_of, conv_of, is_identity_like, output_dtype, output_shape,
 )
 from hant.passes.base import Pass, PassResult, register
 from hant.passes.surgery import add_module, copy_meta, prune_unused, readable

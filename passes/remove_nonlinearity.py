@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from tqdm import tqdm
 
 from hant.errors import InputError, PassError

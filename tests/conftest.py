@@ -4,4 +4,4 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # float64 depthwise convs run far slower multi-threaded here; tests measure no speed

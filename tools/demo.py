@@ -67,7 +67,7 @@ class DemoConfig:
     nonlinearity_cost: str = "roofline:cpu"
     candidates: tuple[str, ...] = ("identity", "svd")
     sites: tuple[str, ...] | None = None
-    steps: int = 100
+    steps: int = 60
     calibration_batches: int = 8
     nonlinearity_target: float = 0.9
     max_unit_size: int = 1
@@ -113,6 +113,8 @@ class DemoResult:
     files: dict[str, Path] = field(default_factory=dict)
     onnx_max_error: float | None = None
     graphs_rendered: bool = False
+    test_images: int = 0
+    probe_images: int = 0
 
     def table(self, fmt: str = "simple") -> str:
         rows = [[s.name, s.what, f"{s.latency_s * 1e3:.3f}", f"{s.speedup:.2f}x", f"{s.accuracy * 100:.2f}",
@@ -188,6 +190,7 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
     train_loader, test_loader = digits.loaders(seed=0, data=data)
     x = torch.zeros(digits.INPUT_SHAPE).copy_(data.test_x[:1])
     probe = data.test_x[:256]
+    result.test_images, result.probe_images = len(data.test_y), len(probe)
     timer = _Timer(out / "steps", x, config.timing_runs, config.timing_warmup)
     sections: list[str] = []
     previous: list[torch.Tensor] = []
@@ -285,8 +288,8 @@ def _write_report(result: DemoResult, config: DemoConfig, sections: list[str]) -
         "# hant demo: the digits MobileNetV2-like network, made faster on this machine",
         f"Measured in this run: {_environment()}. Latency: onnxruntime, median of {config.timing_runs} runs "
         "interleaved with the teacher (so the speedup compares numbers taken in the same rounds). Accuracy: top-1 "
-        "on the 360 held-out digits. Max error: max |output - previous step's output| / max |previous| on 256 "
-        "test images.",
+        f"on the {result.test_images} held-out digits. Max error: max |output - previous step's output| / "
+        f"max |previous| on the first {result.probe_images} of them.",
         result.table("github"),
         f"ONNX (`model.onnx`): onnxruntime against PyTorch, max relative error {result.onnx_max_error:.2e}. "
         f"Graphs: {graphs}, nodes coloured by their share of latency ({config.inspect_cost}). "

@@ -27,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_data_is_fixed_upsampled_normalised_and_split():
     a, b = digits.load_data(), digits.load_data(seed=0)
-    assert a.train_x.shape == (1437, 1, 32, 32) and a.test_x.shape == (360, 1, 32, 32)
+    assert a.train_x.shape == (1438, 1, 32, 32) and a.test_x.shape == (359, 1, 32, 32)
     assert torch.equal(a.test_y, b.test_y)
     assert abs(float(a.train_x.mean())) < 1e-4 and abs(float(a.train_x.std()) - 1) < 1e-3
     other = digits.load_data(seed=1)
@@ -53,13 +53,12 @@ def test_teacher_training_is_deterministic_and_cached_by_config(cache):
 def test_evaluate_counts_correct_predictions():
     data = digits.load_data()
 
-    class Oracle(torch.nn.Module):
+    class AlwaysThree(torch.nn.Module):
         def forward(self, x):
-            labels = {tuple(img.flatten()[:8].tolist()): y for img, y in zip(data.test_x, data.test_y.tolist())}
-            return torch.nn.functional.one_hot(torch.tensor([labels[tuple(i.flatten()[:8].tolist())] for i in x]), 10)
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float()
 
     _, test = digits.loaders()
-    assert digits.evaluate(Oracle(), test) == 1.0
+    assert digits.evaluate(AlwaysThree(), test) == pytest.approx(float((data.test_y == 3).float().mean()))
 
 
 @pytest.mark.slow
