@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +40,9 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from tqdm import tqdm
 
 import hant
-from hant.graphs.export import export_onnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_medians, ort_session  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -97,32 +98,6 @@ def repvgg_single_branch() -> nn.Module:
 
 
 # ------------------------------------------------------------ timing
-
-def interleaved_medians(functions: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in rounds A B C A B C ... after warm-up."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(runs):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def ort_session(module: nn.Module, x: torch.Tensor, threads: int, folder: str, name: str):
-    import onnxruntime as ort
-
-    path = export_onnx(module, x, os.path.join(folder, f"{name}.onnx")).path
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
 
 def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, folder: str) -> dict:
     eager = {name: (lambda m=m: m(x)) for name, m in variants.items()}

@@ -109,10 +109,11 @@ def hant_backend(gm: GraphModule, example_inputs: list, *, options: dict | None 
     downstream = options.get("downstream", DOWNSTREAM_DEFAULT)
     if _needs_grad(example_inputs):
         return _downstream(downstream, gm, example_inputs)
+    from torch._guards import tracing
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     # dynamo compiles inside a fake-tensor tracing context (ShapeProp would pick it up); the check needs real tensors
-    with unset_fake_temporarily(), torch._guards.tracing(None):
+    with unset_fake_temporarily(), tracing(None):
         frozen, keep = freeze_parameters(gm, example_inputs)
         inputs = [example_inputs[i] for i in keep]
         manager = PassManager(options.get("passes", "exact"), cost=None, check=tuple(inputs),

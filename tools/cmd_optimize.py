@@ -50,7 +50,8 @@ def _segments(spec: str) -> list[str]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``optimize`` subcommand."""
     parser = subparsers.add_parser(
-        "optimize", help="rewrite a model with passes (exact: BN folding, linear folding, fusion) and save it",
+        "optimize", help="rewrite a model with passes (exact: BN folding, linear folding, fusion; all: also lossy "
+                         "remove_nonlinearity on --data) and save it",
         description="Trace MODEL, run the passes with a numeric check on random inputs (a pass that breaks "
                     "numerics is rolled back), print the report and write the result; the --out suffix picks "
                     "the format: .onnx, .pt (torch.save of the module) or .pt2 (torch.export).",
