@@ -14,7 +14,6 @@ resumed after a kill. Test accuracy is printed before and after; ``--out`` saves
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -23,17 +22,9 @@ from hant.errors import InputError
 from hant.passes.distill import finetune
 from hant.passes.remove_nonlinearity import MODES, fold_chains, linearize
 from hant.tools import digits
+from hant.tools.models import load_model, save_module
 
-__all__ = ["add_parser", "run", "load_digits_model"]
-
-
-def load_digits_model(spec: str) -> torch.nn.Module:
-    """The trained teacher a ``digits:NAME`` spec names, or the model any other spec names."""
-    if spec.startswith("digits:"):
-        return digits.teacher(spec.partition(":")[2], progress=True)
-    from hant.tools.models import load_model
-
-    return load_model(spec).module
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_batches < 1 or args.epochs < 0:
         raise InputError("--calib-batches must be >= 1 and --epochs >= 0")
     torch.set_num_threads(args.threads)
-    teacher = load_digits_model(args.model).eval()
+    teacher = load_model(args.model).module.eval()
     train_loader, test_loader = digits.loaders(64)
     data = digits.load_data()
     calib = [data.train_x[i * 64:(i + 1) * 64] for i in range(args.calib_batches)]
@@ -95,11 +86,5 @@ def run(args: argparse.Namespace) -> int:
             f.write(result.report.to_markdown() + "\n\n" + f"test accuracy: teacher {acc_teacher:.4f}, linearised "
                     f"{acc_student:.4f}, fine-tuned {acc_final:.4f}\n")
     if args.out:
-        if args.out.endswith(".onnx"):
-            from hant.graphs.export import export_onnx
-
-            export_onnx(student.eval(), example, args.out)
-        else:
-            torch.save(student, args.out)
-        print(f"student written to {os.path.abspath(args.out)}")
+        print(f"student written to {save_module(student.eval(), (example,), args.out)}")
     return 0

@@ -248,7 +248,8 @@ def test_teacher_is_not_mutated(tmp_path):
 @pytest.mark.slow
 def test_digits_end_to_end(tmp_path):
     digits = pytest.importorskip("hant.tools.digits")
-    teacher = digits.teacher("mobilenet", progress=False)
+    # a briefly trained teacher keeps CI fast on a cold cache; the flow is the same as for the full one
+    teacher = digits.teacher(config=digits.TrainConfig(arch="mobilenet", epochs=2, batch_size=128), progress=False)
     train, test = digits.loaders(64)
     result = substitute(teacher, torch.randn(1, 1, 32, 32), train, budget=0.6, budgets=[1.0],
                         cost="roofline:cpu", candidates=["identity", "conv", "dws"], run_dir=tmp_path,

@@ -5,6 +5,7 @@ import torch
 
 import hant
 from hant.passes.remove_nonlinearity import fold_chains
+from hant.tools.models import LoadedModel
 from hant.tools import cmd_linearize, digits
 from hant.tools.cli import main
 
@@ -88,7 +89,7 @@ def test_linearize_and_finetune_a_digits_teacher_end_to_end(cache, tmp_path):
 @pytest.mark.slow
 def test_cli_linearize_runs_and_writes_the_student(cache, tmp_path, monkeypatch, capsys):
     quick = digits.teacher(config=digits.TrainConfig(arch="resnet", **QUICK), progress=False)
-    monkeypatch.setattr(cmd_linearize, "load_digits_model", lambda spec: quick)
+    monkeypatch.setattr(cmd_linearize, "load_model", lambda spec: LoadedModel(quick, spec))
     out, report = tmp_path / "student.pt", tmp_path / "report.md"
     code = main(["linearize", "digits:resnet", "--latency-target", "0.95", "--epochs", "1", "--max-steps", "2",
                  "--calib-batches", "1", "--out", str(out), "--report", str(report)])
