@@ -17,7 +17,7 @@ method is scored on the same held-out rows, those after the first 900 (``--test-
 them in quick runs). The reference networks are drawn from the first 900, so they are never
 scored. Writes benchmarks/results/nb201_devices.md.
 
-    python benchmarks/nb201_devices.py               # everything (about an hour on 2 busy cores)
+    python benchmarks/nb201_devices.py               # all 21 devices (not yet run: ~1.5 h on 2 busy cores)
     python benchmarks/nb201_devices.py --quick       # 7 devices, 3,000 held-out rows
 """
 
