@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tabulate import tabulate
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from hant.cost_models import get as get_cost_model
 from hant.errors import PassError
@@ -135,9 +135,16 @@ def _observer(gm: GraphModule, sites: Sequence[Site]) -> GraphModule:
     return GraphModule(gm, graph, "SiteObserver")
 
 
-def _replace_region(gm: GraphModule, site: Site, module: nn.Module, label: str) -> None:
-    """Put ``module`` in place of the site's region in ``gm`` (in place) and erase the region's nodes."""
-    entry, exit_ = site.region.entry_node(gm), site.region.exit_node(gm)
+def _replace_region(gm: GraphModule, site: Site, module: nn.Module, label: str,
+                    replaced: dict[str, Node] | None = None) -> Node:
+    """Put ``module`` in place of the site's region in ``gm`` (in place) and erase the region's nodes.
+
+    ``replaced`` maps exit names of regions replaced earlier to their new nodes: the entry
+    of a block is often the exit of the block before it. It is updated with this site.
+    """
+    replaced = {} if replaced is None else replaced
+    entry = replaced.get(site.region.entry) or site.region.entry_node(gm)
+    exit_ = site.region.exit_node(gm)
     target = add_module(gm, f"{site.name}_{label}", module)
     with gm.graph.inserting_before(exit_):
         new = gm.graph.call_module(target, (entry,))
@@ -147,6 +154,8 @@ def _replace_region(gm: GraphModule, site: Site, module: nn.Module, label: str) 
     for node in reversed(site.region.interior(gm)):
         if not node.users:
             gm.graph.erase_node(node)
+    replaced[site.region.exit] = new
+    return new
 
 
 def _low_rank_teacher(block: GraphModule, percent: int) -> nn.Module | None:
@@ -253,6 +262,7 @@ class SubstituteResult:
 def build_student(result: SubstituteResult, choice: dict[str, str]) -> GraphModule:
     """The teacher with each site's region replaced by its chosen, distilled candidate."""
     student = copy.deepcopy(result.teacher)
+    replaced: dict[str, Node] = {}
     for site in result.sites:
         name = choice[site.name]
         if name == TEACHER:
@@ -260,7 +270,7 @@ def build_student(result: SubstituteResult, choice: dict[str, str]) -> GraphModu
         module = result.modules[site.name][name]()
         state = torch.load(result.options[site.name][name].path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
-        _replace_region(student, site, module.eval(), readable(name))
+        _replace_region(student, site, module.eval(), readable(name), replaced)
     student.graph.lint()
     student.recompile()
     student = trace(student, result.example_inputs)

@@ -215,13 +215,14 @@ def test_student_uses_distilled_weights(tiny_result):
 
     def assemble(load_weights: bool):
         gm = copy.deepcopy(tiny_result.teacher)
+        new_nodes = {}
         for site in replaced:
             name = solution.choice[site.name]
             module = tiny_result.modules[site.name][name]()
             if load_weights:
                 state = torch.load(tiny_result.options[site.name][name].path, weights_only=True)
                 module.load_state_dict(state["state_dict"])
-            _replace_region(gm, site, module.eval(), name)
+            _replace_region(gm, site, module.eval(), name, new_nodes)
         gm.recompile()
         return gm
 
@@ -229,6 +230,18 @@ def test_student_uses_distilled_weights(tiny_result):
     with torch.no_grad():
         torch.testing.assert_close(student(x), assemble(True)(x), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(student(x), assemble(False)(x), rtol=1e-3, atol=1e-4)
+
+
+def test_consecutive_sites_can_all_be_replaced(tiny_result):
+    # the block's entry is the stem's exit: replacing both must chain the new modules
+    choice = {s.name: "conv_k3_relu" for s in tiny_result.sites}
+    student = build_student(tiny_result, choice)
+    modules = [n.target for n in student.graph.nodes if n.op == "call_module"]
+    assert len([m for m in modules if "conv_k3_relu" in m or "conv" in m]) >= 2
+    x = _batches(1, seed=3)[0]
+    assert student(x).shape == (8, 10)
+    assert _MacsAsLatency().graph_cost(student).latency_s == pytest.approx(
+        tiny_result.fixed_latency_s + sum(tiny_result.options[s][c].latency_s for s, c in choice.items()), rel=0.02)
 
 
 def test_infeasible_budget_says_what_to_do(tiny_result):
