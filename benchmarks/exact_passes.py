@@ -40,6 +40,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 from tqdm import tqdm
 
 import hant
+from hant.tools.testing import randomize_bn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, ort_session  # noqa: E402
@@ -47,20 +48,6 @@ from common import interleaved_medians, ort_session  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters for every BatchNorm (so folding does work)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-    return model.eval()
 
 
 # ------------------------------------------------------------ RepVGG-style networks

@@ -1,7 +1,19 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
-torch.set_num_threads(1)  # float64 depthwise convs run far slower multi-threaded here; tests measure no speed
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one thread, whatever an earlier test set.
+
+    Tests measure no speed; on a loaded 2-core machine two threads spin against each
+    other (float64 depthwise convs ran 10-25x slower).
+    """
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

@@ -72,7 +72,7 @@ class DemoConfig:
     calibration_batches: int = 8
     nonlinearity_target: float = 0.9
     max_unit_size: int = 1
-    finetune_epochs: int = 2
+    finetune_epochs: int = 6
     finetune_steps: int | None = None
     timing_runs: int = 200
     timing_warmup: int = 20
@@ -176,7 +176,7 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
 
     Writes ``report.md``, ``pareto.png``, ``graph_before.svg``/``graph_after.svg`` (``.dot``
     when Graphviz is missing), ``model.onnx``, plus ``steps/*.onnx`` (what was timed),
-    ``substitute/`` and ``finetune/`` (resumable work).
+    ``substitute/`` and ``finetune_b<budget>_e<epochs>/`` (resumable work).
     """
     from hant.passes.distill import finetune
     from hant.passes.remove_nonlinearity import linearize
@@ -254,7 +254,8 @@ def run_demo(out: str | os.PathLike = "hant-demo", config: DemoConfig = DEFAULT,
 
     echo("== 5/6 fine-tune with knowledge distillation from the teacher")
     student = finetune(lin.module, teacher, train_loader, epochs=config.finetune_epochs,
-                       max_steps=config.finetune_steps, checkpoint_dir=out / "finetune")
+                       max_steps=config.finetune_steps,
+                       checkpoint_dir=out / f"finetune_b{budget:.2f}_e{config.finetune_epochs}")
     record("finetune", f"distillation, {config.finetune_epochs} epoch(s)", student, False)
 
     echo("== 6/6 export ONNX and check it with onnxruntime")

@@ -13,13 +13,6 @@ from hant.cost_models.timing import TimingConfig
 from hant.errors import CostModelError
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Eager torch on one thread: two threads spin against each other on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 FAST = TimingConfig(warmup_s=0.0, warmup_runs=3, block_s=0.0005, min_samples=7, max_samples=60, time_cap_s=0.05)
 

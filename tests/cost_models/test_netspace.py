@@ -15,13 +15,6 @@ from hant.errors import CostModelError
 from hant.graphs.ops import op_kind
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Eager torch on one thread: two threads spin against each other on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_specs_are_deterministic_and_json():

@@ -7,7 +7,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 
 import hant
@@ -22,13 +21,6 @@ from hant.tools.cli import main
 FAST = TimingConfig(warmup_s=0.0, warmup_runs=2, block_s=0.0005, min_samples=5, max_samples=40, time_cap_s=0.03)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Eager torch on one thread: two threads spin against each other on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _profile(n, path, **kwargs):

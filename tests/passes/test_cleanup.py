@@ -15,12 +15,9 @@ from hant.passes.cleanup import Cleanup
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_grad():
     with torch.no_grad():
         yield
-    torch.set_num_threads(threads)
 
 
 class NoOps(nn.Module):

@@ -27,14 +27,9 @@ class Net(nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_one_thread():
-    # one intra-op thread: on the shared 2-core CI machine, two threads wait on each other (float64 depthwise
-    # convs ran 10x slower); numerics do not depend on it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_grad():
     with torch.no_grad():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -19,14 +19,9 @@ SHAPE = (1, 3, 32, 32)  # small, to keep CI fast; every stage still has a spatia
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_one_thread():
-    # one intra-op thread: on the shared 2-core CI machine, two threads wait on each other (float64 depthwise
-    # convs ran 10x slower); numerics do not depend on it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_grad():
     with torch.no_grad():
         yield
-    torch.set_num_threads(threads)
 
 
 def build(name, dtype=torch.float32):

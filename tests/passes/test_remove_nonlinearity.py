@@ -17,13 +17,6 @@ from hant.tools.digits import DigitsMobileNetV2
 from helpers import randomize_bn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded machine, thread spinning makes these small graphs crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class OpCount:

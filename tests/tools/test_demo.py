@@ -36,7 +36,7 @@ def test_quick_demo_runs_end_to_end_and_reports_what_it_printed(tmp_path, capsys
     assert "onnxruntime against PyTorch, max relative error" in printed
 
     # a rerun resumes: the distillation jobs and the fine-tuning checkpoint are reused
-    assert any((out / "substitute").iterdir()) and (out / "finetune" / "finetune.pt").exists()
+    assert any((out / "substitute").iterdir()) and any(p.name == "finetune.pt" for p in out.glob("finetune_*/*"))
 
 
 @pytest.mark.slow

@@ -12,12 +12,6 @@ from hant.tools.cli import main
 QUICK = dict(epochs=1, batch_size=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
