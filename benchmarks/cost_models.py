@@ -90,6 +90,7 @@ def stage_report(args) -> None:
     with LatencyStore(args.train_db) as store:
         records = list(store.networks(runtime="onnxruntime", threads=args.threads))
         n_nets, n_ops = len(records), store.count("ops")
+        args.node_nets = sum(r.node_latencies is not None for r in records)
     key = next(iter(records)).device if records else None
 
     calibrated = RooflineModel("cpu")
@@ -215,7 +216,7 @@ def write_results(args, comparison, summary, predictors, speed, big_nodes, n_net
         "",
         f"Training data (never any torchvision network): {n_nets} random networks from hant's network space "
         f"(`hant profile`, seed {args.seed}, 96..320 px), measured whole with the same runtime and threads; "
-        f"the first {min(args.node_nets, n_nets)} also op by op ({n_ops} distinct ops), which the calibrated "
+        f"{args.node_nets} of them also op by op ({n_ops} distinct ops), which the calibrated "
         f"roofline ({summary.samples} op samples, op-level MAPE {summary.mape_before:.0%} -> "
         f"{summary.mape_after:.0%}) and the lookup table use. The learned models are fitted as `fit_db` "
         f"fits them (20 % of the networks held out), each network featurised once for both.",

@@ -8,20 +8,10 @@ import warnings
 
 from hant.cost_models import available, get
 from hant.errors import InputError
-from hant.tools.models import add_model_arguments, model_and_inputs, trace_for_cli
+from hant.tools.models import add_model_arguments, model_and_inputs, positive_int, trace_for_cli
 from hant.tools.report import FORMATS, inspect, inspect_rows
 
 __all__ = ["add_parser", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"cost-model spec, PREFIX or PREFIX:ARGUMENT (default roofline:cpu); prefixes: "
                              f"{', '.join(available()) or 'none'}")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
-    parser.add_argument("--top", type=_positive_int, metavar="N", help="show only the N slowest nodes")
+    parser.add_argument("--top", type=positive_int, metavar="N", help="show only the N slowest nodes")
     parser.add_argument("--dot", metavar="PATH",
                         help="also draw the graph, nodes coloured by latency share: PATH.dot gets DOT text; "
                              "PATH.svg is rendered by graphviz (DOT text beside it when graphviz is missing)")

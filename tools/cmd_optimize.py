@@ -21,16 +21,16 @@ import torch
 
 from hant.cost_models import available as available_costs
 from hant.cost_models import get as get_cost_model
-from hant.errors import ExportError, InputError
-from hant.graphs.export import export_onnx
+from hant.errors import InputError
 from hant.passes import PRESETS, PassManager, available, resolve
 from hant.passes.manager import compare_outputs
 from hant.tools.datasets import DATA_HELP, load_task
-from hant.tools.models import add_model_arguments, model_and_inputs, trace_for_cli
+from hant.tools.models import (
+    OUTPUT_SUFFIXES, add_model_arguments, model_and_inputs, save_module, trace_for_cli,
+)
 
-__all__ = ["add_parser", "run", "OUTPUT_SUFFIXES"]
+__all__ = ["add_parser", "run"]
 
-OUTPUT_SUFFIXES = (".onnx", ".pt", ".pt2")
 LOSSY = ("remove_nonlinearity",)
 
 
@@ -72,25 +72,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the check (default 1e-5)")
     parser.set_defaults(func=run)
     return parser
-
-
-def _save(module, inputs, path: str) -> str:
-    try:
-        if path.endswith(".onnx"):
-            result = export_onnx(module, inputs, path)
-            return f"{path} (ONNX, onnxruntime max relative error {result.max_error:.2e})"
-        if path.endswith(".pt2"):
-            try:
-                program = torch.export.export(module, inputs)
-            except Exception as exc:
-                raise ExportError(f"torch.export failed on the optimized module: {type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0]}; save it as .pt or .onnx instead") from exc
-            torch.export.save(program, path)
-            return f"{path} (torch.export program)"
-        torch.save(module, path)
-        return f"{path} (torch.save of the module; load with torch.load(path, weights_only=False))"
-    except OSError as exc:
-        raise InputError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,5 +140,5 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot write {args.report!r}: {exc.strerror or exc}") from exc
         print(f"wrote {args.report}")
     if args.out:
-        print(f"wrote {_save(current, inputs, args.out)}")
+        print(f"wrote {save_module(current, inputs, args.out)}")
     return 0

@@ -11,18 +11,9 @@ import argparse
 
 from hant.cost_models.netspace import SPACES
 from hant.cost_models.profile import profile
+from hant.tools.models import positive_int
 
 __all__ = ["add_parser", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,9 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--runtime", choices=("onnxruntime", "torch", "cuda"), default="onnxruntime",
                         help="onnxruntime (CPU EP), torch (eager CPU) or cuda (eager torch, CUDA events)")
-    parser.add_argument("--n", type=_positive_int, default=100, help="networks to measure (default 100)")
+    parser.add_argument("--n", type=positive_int, default=100, help="networks to measure (default 100)")
     parser.add_argument("--out", metavar="DB", help="store file (default: the user cache, ~/.cache/hant/latency.db)")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="runtime threads (default: torch.get_num_threads())")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--space", choices=sorted(SPACES), default="default",

@@ -166,6 +166,17 @@ def load_model(spec: str | None) -> LoadedModel:
     raise InputError(f"cannot read model spec {spec!r}; give {MODEL_SPEC_HELP}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, else a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add MODEL, ``--input`` and ``--dtype``, the arguments every model-taking subcommand shares."""
     parser.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_SPEC_HELP)
