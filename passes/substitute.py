@@ -354,6 +354,11 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
 
     options: dict[str, dict[str, SiteOption]] = {}
     teacher_sites = 0.0
+    # A site priced alone carries the runtime's fixed per-call cost (session launch, input
+    # copy), which the assembled network pays once, not once per site: price an identity
+    # at each input shape and take it off (zero for analytical models).
+    call_overhead = {site.input_shape: _price(nn.Identity(), site.input_shape, cost_model)[0]
+                     for site in chosen_sites}
     for site in chosen_sites:
         options[site.name] = {}
         for name, factory in modules[site.name].items():
@@ -362,13 +367,17 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
                 module.load_state_dict(torch.load(scores[site.name][name].path, map_location="cpu",
                                                   weights_only=True)["state_dict"])
             latency, params, macs = _price(module, site.input_shape, cost_model)
+            latency = max(latency - call_overhead[site.input_shape], 0.0)
             score = 0.0 if name == TEACHER else scores[site.name][name].loss
             path = "" if name == TEACHER else scores[site.name][name].path
             options[site.name][name] = SiteOption(site.name, name, score, latency, params, macs, path)
         teacher_sites += options[site.name][TEACHER].latency_s
     deployed_teacher = PassManager("exact", cost=None, check=None)(gm).graph_module
-    teacher_latency = float(cost_model.graph_cost(deployed_teacher).latency_s)
-    fixed = max(teacher_latency - teacher_sites, 0.0)
+    whole_teacher = float(cost_model.graph_cost(deployed_teacher).latency_s)
+    fixed = max(whole_teacher - teacher_sites, 0.0)
+    # budgets are fractions of the teacher as this model predicts it (sites + the rest), so
+    # that a budget of 1.0 always admits the teacher itself
+    teacher_latency = fixed + teacher_sites
 
     result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model)
     timer = get_cost_model(measure) if measure is not None else None
