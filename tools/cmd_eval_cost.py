@@ -18,20 +18,11 @@ from __future__ import annotations
 import argparse
 
 from hant.errors import CostModelError, InputError
+from hant.tools.models import positive_int
 
 __all__ = ["add_parser", "run"]
 
 DEFAULT_INPUT = "1,3,224,224"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "torchvision:resnet18,torchvision:mobilenet_v2")
     parser.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                         help="what measures the networks on the CPU (default onnxruntime)")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="runtime threads (default: torch.get_num_threads())")
     parser.add_argument("--db", metavar="PATH", help="latency store for the measurements (default: the user cache)")
     parser.add_argument("--input", default=DEFAULT_INPUT, metavar="SHAPE",
