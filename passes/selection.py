@@ -31,6 +31,9 @@ __all__ = ["Selection", "Choice", "ExtraConstraint", "max_gain_under_budget", "m
 
 _OPTIONS = {"mip_rel_gap": 0.0, "presolve": True}
 _SLACK = 1e-9        # relative slack on budgets, so a total that equals the budget is accepted
+# HiGHS accepts a constraint violated by up to its primal feasibility tolerance (absolute);
+# every budget and saving below holds up to this much.
+FEASIBILITY_TOL = 1e-7
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,9 @@ def min_importance_for_saving(gains: Sequence[float], importances: Sequence[floa
     """Minimise ``sum(importances[chosen])`` subject to ``sum(gains[chosen]) >= saving``.
 
     With a latency target, ``saving = baseline_latency - target_latency``. Units with gain
-    <= 0 are never chosen, and nothing is chosen when ``saving <= 0``. Raises :class:`PassError` naming the largest reachable saving when
-    no selection reaches ``saving``.
+    <= 0 are never chosen, and nothing is chosen when ``saving <= 0``. The saving is met up to
+    :data:`FEASIBILITY_TOL`. Raises :class:`PassError` naming the largest reachable saving
+    when no selection reaches ``saving``.
     """
     g, imp = _check_vectors(gains, importances)
     if saving <= 0:                 # the target is met already: nothing needs to go

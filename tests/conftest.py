@@ -3,6 +3,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples every run (a red CI then always names a real, reproducible
+# case); locally hypothesis explores new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 

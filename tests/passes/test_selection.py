@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from hant.errors import PassError
 from hant.passes.selection import (
+    FEASIBILITY_TOL,
     ExtraConstraint, max_gain_under_budget, min_importance_for_saving, multiple_choice,
 )
 
@@ -55,9 +56,9 @@ def test_min_importance_matches_brute_force(seed, n, fraction):
             min_importance_for_saving(gains, imps, saving, exclusive=exclusive)
         return
     sel = min_importance_for_saving(gains, imps, saving, exclusive=exclusive)
-    assert sel.total_gain >= saving - 1e-9
+    assert sel.total_gain >= saving - FEASIBILITY_TOL
     assert _exclusive_ok(sel.chosen, exclusive)
-    best = min(sum(imps[list(s)]) for s in feasible if sum(gains[list(s)]) >= saving - 1e-9)
+    best = min(sum(imps[list(s)]) for s in feasible if sum(gains[list(s)]) >= saving - FEASIBILITY_TOL)
     assert sel.total_importance == pytest.approx(best, abs=1e-9)
 
 
