@@ -223,10 +223,17 @@ def fit_table(table_path: str | os.PathLike, target_column: str, builder: str = 
     predictor = train(model, graphs, table.latency_s[train_rows], config=config, seed=seed, metadata=metadata)
     fit_seconds = time.perf_counter() - started
     predicted = predictor.predict([family.featurize(table.architectures[i]) for i in test_rows])
-    result = metrics(predicted, table.latency_s[test_rows])
+    return _held_out(predictor, predicted, table.latency_s[test_rows], fit_seconds, train_rows, test_rows, out,
+                     f"{target_column}: {model} on {train_size} rows" if verbose else None)
+
+
+def _held_out(predictor, predicted, measured, fit_seconds: float, train_rows, test_rows, out, label: str | None
+              ) -> FitResult:
+    """Score the held-out rows, record them in the predictor, print (when ``label``) and save."""
+    result = metrics(predicted, measured)
     predictor.metadata.update(held_out=result, fit_seconds=fit_seconds)
-    if verbose:
-        print(f"{target_column}: {model} on {train_size} rows in {fit_seconds:.1f} s; {format_metrics(result)}")
+    if label is not None:
+        print(f"{label} in {fit_seconds:.1f} s; {format_metrics(result)}")
     if out is not None:
         predictor.save(out)
     return FitResult(predictor, result, fit_seconds, train_rows, test_rows)
@@ -268,10 +275,5 @@ def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLik
     predictor = train(model, [graphs[i] for i in train_rows], y[train_rows], config=config, seed=seed,
                       metadata=metadata)
     fit_seconds = time.perf_counter() - started
-    result = metrics(predictor.predict([graphs[i] for i in test_rows]), y[test_rows])
-    predictor.metadata.update(held_out=result, fit_seconds=fit_seconds)
-    if verbose:
-        print(f"{model} on {len(train_rows)} networks in {fit_seconds:.1f} s; {format_metrics(result)}")
-    if out is not None:
-        predictor.save(out)
-    return FitResult(predictor, result, fit_seconds, train_rows, test_rows)
+    return _held_out(predictor, predictor.predict([graphs[i] for i in test_rows]), y[test_rows], fit_seconds,
+                     train_rows, test_rows, out, f"{model} on {len(train_rows)} networks" if verbose else None)

@@ -50,6 +50,17 @@ def output_error(expected, actual) -> float:
     return max(max_rel_error(e, a) for e, a in zip(expected, actual))
 
 
+def run_pass(pass_cls, model: nn.Module, x: torch.Tensor, ctx: PassContext | None = None, method: str = "symbolic"):
+    """Trace, run ``pass_cls`` once; return (result graph module, context, modified, relative error)."""
+    import hant
+
+    ctx = ctx or context()
+    result = pass_cls(ctx)(hant.trace(model, x, method=method))
+    with torch.no_grad():
+        error = output_error(model(x), result.graph_module(x))
+    return result.graph_module, ctx, result.modified, error
+
+
 def compute_nodes(gm: GraphModule) -> list[str]:
     """op_kind of every node that does work (not placeholders, outputs, get_attr, export's input guard)."""
     return [op_kind(n) for n in gm.graph.nodes

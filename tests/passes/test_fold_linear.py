@@ -12,7 +12,7 @@ import torchvision
 from helpers import randomize_bn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from linear_fixtures import MacCost, compute_nodes, context, output_error
+from linear_fixtures import MacCost, compute_nodes, context, output_error, run_pass
 
 import hant
 from hant.cost_models import Cost
@@ -38,12 +38,7 @@ class Chain(nn.Module):
 
 def fold(model: nn.Module, x: torch.Tensor, ctx: PassContext | None = None, method: str = "symbolic"):
     """Trace, run fold_linear once; return (result graph module, context, modified, relative error)."""
-    ctx = ctx or context()
-    gm = hant.trace(model, x, method=method)
-    result = FoldLinear(ctx)(gm)
-    with torch.no_grad():
-        error = output_error(model(x), result.graph_module(x))
-    return result.graph_module, ctx, result.modified, error
+    return run_pass(FoldLinear, model, x, ctx, method)
 
 
 def actions(ctx: PassContext, action: str) -> list:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 from helpers import randomize_bn
-from linear_fixtures import MacCost, compute_nodes, context, output_error
+from linear_fixtures import MacCost, compute_nodes, context, output_error, run_pass
 
 import hant
 from hant.cost_models import Cost
@@ -42,12 +42,7 @@ class QKV(nn.Module):
 
 
 def fuse(model, x, ctx=None, method="symbolic"):
-    ctx = ctx or context()
-    gm = hant.trace(model, x, method=method)
-    result = FuseParallel(ctx)(gm)
-    with torch.no_grad():
-        error = output_error(model(x), result.graph_module(x))
-    return result.graph_module, ctx, result.modified, error
+    return run_pass(FuseParallel, model, x, ctx, method)
 
 
 def of(ctx, action):
