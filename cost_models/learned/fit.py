@@ -10,7 +10,10 @@
 * :func:`metrics` gives the measures the literature uses: RMSE, MAPE, the share within
   ±10 %, Kendall tau and Spearman rho.
 
-Both fitters hold out rows they never train on and report the metrics on them.
+Both fitters hold out rows they never train on and report the metrics on them. ``fit_table``
+also carves a validation split from its training rows (:func:`validation_size`): those rows
+only stop training early, so the scored rows never steer a fit. :class:`PreparedGraphs`
+batches many graphs once for scoring several predictors on them.
 """
 
 from __future__ import annotations
@@ -31,14 +34,29 @@ from hant.cost_models.learned.perop import FUSION_PROFILES
 from hant.cost_models.learned.predictor import MODEL_KINDS, Predictor
 from hant.errors import CostModelError
 
-__all__ = ["DEFAULT_CONFIG", "FitResult", "Table", "read_table", "metrics", "format_metrics", "train", "fit_db",
+__all__ = ["DEFAULT_CONFIG", "TABLE_CONFIG", "validation_size", "FitResult", "PreparedGraphs", "Table", "read_table", "metrics", "format_metrics", "train", "fit_db",
            "fit_table", "get_builder", "BUILDERS"]
 
 DEFAULT_CONFIG = {
-    "gnn": {"hidden": 32, "layers": 3, "steps": 300, "lr": 1e-2, "weight_decay": 1e-4, "batch_graphs": 1024},
+    "gnn": {"hidden": 32, "layers": 3, "steps": 300, "lr": 1e-2, "weight_decay": 1e-4, "batch_graphs": 1024,
+            "eval_every": 25},
     "perop": {"hidden": 64, "fusion": "fused", "steps": 400, "lr": 1e-2, "weight_decay": 1e-4,
-              "batch_graphs": 1024},
+              "batch_graphs": 1024, "eval_every": 25},
 }
+"""Defaults of :func:`train` (and so of :func:`fit_db`); ``eval_every`` matters only with validation rows."""
+
+TABLE_CONFIG = {"gnn": {"layers": 2, "hidden": 32}, "perop": {"fusion": "fused"}}
+"""What :func:`fit_table` changes in :data:`DEFAULT_CONFIG`: chosen on validation rows of three NAS-Bench-201
+development columns by ``benchmarks/nb201_devices.py --tune`` (never on scored rows)."""
+
+
+def validation_size(train_size: int) -> int:
+    """Rows :func:`fit_table` carves from ``train_size`` training rows for early stopping.
+
+    A tenth of them from 50 rows on; below that a validation loss on a handful of rows is
+    noise, so training runs its fixed number of steps.
+    """
+    return int(round(0.1 * train_size)) if train_size >= 50 else 0
 
 
 @dataclass
@@ -49,6 +67,7 @@ class FitResult:
     fit_seconds: float
     train_rows: list[int] = field(default_factory=list)
     test_rows: list[int] = field(default_factory=list)
+    validation_rows: list[int] = field(default_factory=list)
 
 
 def metrics(predicted_s: np.ndarray, measured_s: np.ndarray) -> dict:
@@ -82,22 +101,71 @@ def _normalisation(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 
 
+def _log_error(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.mean((torch.log(predicted.clamp_min(1e-9)) - target) ** 2)
+
+
+def optimise(net: torch.nn.Module, forward, batches: list, cfg: dict, validation: tuple | None = None) -> dict:
+    """Adam with cosine decay on the squared log error; early stopping on ``validation``.
+
+    ``forward(batch)`` gives the network output for a batch of :data:`batches`, a list of
+    (batch, log target) pairs cycled through for ``cfg["steps"]`` steps. With
+    ``validation`` = (batch, log target), the validation error is computed every
+    ``cfg["eval_every"]`` steps and at the end, and the weights of the best evaluation are
+    kept. The validation error is the mean absolute log error: a few networks whose runtime
+    pruned them to almost nothing (NAS-Bench-201 phones) would dominate a squared error and
+    stop training at step 0. Returns what happened: final training loss, and with
+    validation the best step and its mean absolute log error.
+    """
+    steps = int(cfg["steps"])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    best = (math.inf, 0, None)
+
+    def evaluate(step: int):
+        nonlocal best
+        net.eval()
+        with torch.no_grad():
+            loss = float(torch.mean(torch.abs(torch.log(forward(validation[0]).clamp_min(1e-9)) - validation[1])))
+        net.train()
+        if loss < best[0]:
+            best = (loss, step, {k: v.detach().clone() for k, v in net.state_dict().items()})
+
+    net.train()
+    loss = torch.zeros(())
+    for step in range(steps):
+        if validation is not None and step % int(cfg.get("eval_every", 25)) == 0:
+            evaluate(step)
+        batch, target = batches[step % len(batches)]
+        loss = _log_error(forward(batch), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    report = {"train_loss": float(loss.detach())}
+    if validation is not None:
+        evaluate(steps)
+        net.load_state_dict(best[2])
+        report.update(best_step=best[1], validation_mae_log=best[0])
+    net.eval()
+    return report
+
+
 def train(kind: str, graphs: list[GraphFeatures], latency_s, *, config: dict | None = None, seed: int = 0,
-          metadata: dict | None = None) -> Predictor:
+          metadata: dict | None = None, validation: tuple[list[GraphFeatures], np.ndarray] | None = None
+          ) -> Predictor:
     """Fit a predictor of ``kind`` to graphs and their latencies in seconds.
 
     ``config`` overrides :data:`DEFAULT_CONFIG` (sizes, fusion profile, steps, lr, ...).
     Adam on the squared error of log latency, over fixed mini-batches of ``batch_graphs``
-    graphs, with a cosine learning-rate decay; reproducible for a given seed up to float rounding.
+    graphs, with a cosine learning-rate decay; reproducible for a given seed up to float
+    rounding. ``validation`` = (graphs, latencies) never trained on: the weights of the step
+    with the lowest validation loss are kept (early stopping) and ``metadata["validation"]``
+    records that step and loss.
     """
     if kind not in MODEL_KINDS:
         raise CostModelError(f"unknown learned model {kind!r}; use one of {', '.join(MODEL_KINDS)}")
-    y = np.asarray(latency_s, dtype=np.float64)
-    if len(graphs) != len(y) or len(y) == 0:
-        raise CostModelError(f"need one latency per graph and at least one graph, got {len(graphs)} graphs "
-                             f"and {len(y)} latencies")
-    if not np.all(np.isfinite(y)) or np.any(y <= 0):
-        raise CostModelError("latencies must be positive and finite")
+    y = _check_latencies(graphs, latency_s)
     cfg = dict(DEFAULT_CONFIG[kind], **(config or {}))
     if kind == "perop" and cfg["fusion"] not in FUSION_PROFILES:
         raise CostModelError(f"unknown fusion profile {cfg['fusion']!r}; use one of {', '.join(FUSION_PROFILES)}")
@@ -114,19 +182,61 @@ def train(kind: str, graphs: list[GraphFeatures], latency_s, *, config: dict | N
     size = int(cfg["batch_graphs"])
     batches = [(predictor.inputs([graphs[i] for i in order[k:k + size]]), target[order[k:k + size]])
                for k in range(0, len(graphs), size)]
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(cfg["steps"]))
-    for step in range(int(cfg["steps"])):
-        batch, t = batches[step % len(batches)]
-        loss = torch.mean((torch.log(predictor.forward(batch).clamp_min(1e-9)) - t) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval()
-    predictor.metadata.setdefault("train_loss", float(loss.detach()))
+    held = None
+    if validation is not None and len(validation[0]):
+        y_val = _check_latencies(validation[0], validation[1])
+        held = (predictor.inputs(list(validation[0])), torch.from_numpy(np.log(y_val / scale)).float())
+    report = optimise(net, predictor.forward, batches, cfg, held)
+    predictor.metadata.setdefault("train_loss", report.pop("train_loss"))
+    if held is not None:
+        predictor.metadata["validation"] = dict(report, rows=len(held[1]))
     return predictor
+
+
+def _check_latencies(graphs, latency_s) -> np.ndarray:
+    y = np.asarray(latency_s, dtype=np.float64)
+    if len(graphs) != len(y) or len(y) == 0:
+        raise CostModelError(f"need one latency per graph and at least one graph, got {len(graphs)} graphs "
+                             f"and {len(y)} latencies")
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        raise CostModelError("latencies must be positive and finite")
+    return y
+
+
+class PreparedGraphs:
+    """Graphs batched once, then predicted by many predictors of one kind and layout.
+
+    Scoring several predictors on thousands of held-out graphs would otherwise batch and
+    compress the same graphs for each of them. The batches are built with identity
+    normalisation; each predictor's own normalisation is applied to the (few) distinct rows.
+    ``kind`` and ``config`` fix what the batches hold (the GNN's message-passing depth, the
+    per-op fusion profile); predicting with a predictor of another layout raises.
+    """
+
+    def __init__(self, graphs: list[GraphFeatures], kind: str, config: dict, chunk: int = 2000):
+        cfg = dict(DEFAULT_CONFIG[kind], **config)
+        probe = Predictor(kind, cfg, Predictor.build_net(kind, cfg), torch.zeros(1), torch.ones(1), 1.0)
+        self.kind, self.layout = kind, self._layout(kind, cfg)
+        self.chunks = [probe.inputs(graphs[k:k + chunk]) for k in range(0, len(graphs), chunk)]
+
+    @staticmethod
+    def _layout(kind: str, cfg: dict):
+        return cfg["layers"] if kind == "gnn" else cfg["fusion"]
+
+    @torch.no_grad()
+    def predict(self, predictor: Predictor) -> np.ndarray:
+        """Latency in seconds of every graph, by ``predictor``."""
+        if predictor.kind != self.kind or self._layout(predictor.kind, predictor.config) != self.layout:
+            raise CostModelError("these graphs were prepared for another predictor layout; prepare them again")
+        out = []
+        for batch in self.chunks:
+            if self.kind == "gnn":
+                plan = dict(batch["plan"], rows=(batch["plan"]["rows"] - predictor.x_mean) / predictor.x_std)
+                batch = dict(batch, plan=plan)
+            else:
+                batch = dict(batch, rows=(batch["rows"] - predictor.x_mean) / predictor.x_std)
+            out.append(predictor.forward(batch).double().numpy())
+        return np.concatenate(out) * predictor.scale
 
 
 # ------------------------------------------------------------------ tables
@@ -198,33 +308,51 @@ BUILDERS = {"nb201": _nb201_family}
 
 def fit_table(table_path: str | os.PathLike, target_column: str, builder: str = "nb201", train_size: int = 900,
               seed: int = 0, out: str | os.PathLike | None = None, model: str = "gnn", config: dict | None = None,
-              unit_s: float = 1e-3, test_size: int | None = None, verbose: bool = False) -> FitResult:
+              unit_s: float = 1e-3, test_size: int | None = None, verbose: bool = False,
+              val_size: int | None = None) -> FitResult:
     """Train a predictor for one device column of a latency table and score it on the rest.
 
     ``train_size`` rows (drawn with ``seed``) train; the other rows (or ``test_size`` of them,
-    drawn with the same seed) are held out and scored with :func:`metrics`. The builder turns
-    the table's architecture column into graphs. ``out`` saves the predictor file (usable as
-    ``learned:OUT``). Raises :class:`CostModelError` for a missing column, a malformed row, an
-    unknown builder or a train size that leaves fewer than two rows to score.
+    drawn with the same seed) are held out and scored with :func:`metrics`. ``val_size`` of
+    the training rows (default :func:`validation_size`) are kept out of the gradient steps
+    and used only for early stopping; the held-out rows are scored once, at the end, and
+    never steer training. The builder turns the table's architecture column into graphs.
+    ``config`` overrides :data:`TABLE_CONFIG` over :data:`DEFAULT_CONFIG`. ``out`` saves the
+    predictor file (usable as ``learned:OUT``). Raises :class:`CostModelError` for a missing
+    column, a malformed row, an unknown builder or a train size that leaves fewer than two
+    rows to score.
     """
     family = get_builder(builder)
+    if model not in MODEL_KINDS:
+        raise CostModelError(f"unknown learned model {model!r}; use one of {', '.join(MODEL_KINDS)}")
     table = read_table(table_path, target_column, family.arch_column, unit_s)
     n = len(table.architectures)
     if not 1 <= train_size <= n - 2:
         raise CostModelError(f"train_size must be between 1 and {n - 2} for a table of {n} rows, got {train_size}")
+    n_val = validation_size(train_size) if val_size is None else val_size
+    if not 0 <= n_val < train_size:
+        raise CostModelError(f"val_size must be between 0 and train_size - 1 ({train_size - 1}), got {n_val}")
     order = np.random.default_rng(seed).permutation(n)
-    train_rows = sorted(order[:train_size].tolist())
+    fit_rows = sorted(order[:train_size - n_val].tolist())
+    val_rows = sorted(order[train_size - n_val:train_size].tolist())
     test_rows = order[train_size:]
     test_rows = sorted((test_rows[:test_size] if test_size else test_rows).tolist())
     started = time.perf_counter()
-    graphs = [family.featurize(table.architectures[i]) for i in train_rows]
+    graphs = [family.featurize(table.architectures[i]) for i in fit_rows]
+    validation = ([family.featurize(table.architectures[i]) for i in val_rows], table.latency_s[val_rows]) \
+        if val_rows else None
     metadata = {"source": os.path.basename(os.fspath(table_path)), "target_column": target_column,
-                "builder": builder, "train_size": train_size, "seed": seed, "unit_s": unit_s}
-    predictor = train(model, graphs, table.latency_s[train_rows], config=config, seed=seed, metadata=metadata)
+                "builder": builder, "train_size": train_size, "validation_rows": len(val_rows), "seed": seed,
+                "unit_s": unit_s}
+    cfg = dict(TABLE_CONFIG.get(model, {}), **(config or {}))
+    predictor = train(model, graphs, table.latency_s[fit_rows], config=cfg, seed=seed, metadata=metadata,
+                      validation=validation)
     fit_seconds = time.perf_counter() - started
     predicted = predictor.predict([family.featurize(table.architectures[i]) for i in test_rows])
-    return _held_out(predictor, predicted, table.latency_s[test_rows], fit_seconds, train_rows, test_rows, out,
-                     f"{target_column}: {model} on {train_size} rows" if verbose else None)
+    result = _held_out(predictor, predicted, table.latency_s[test_rows], fit_seconds, sorted(fit_rows + val_rows),
+                       test_rows, out, f"{target_column}: {model} on {train_size} rows" if verbose else None)
+    result.validation_rows = val_rows
+    return result
 
 
 def _held_out(predictor, predicted, measured, fit_seconds: float, train_rows, test_rows, out, label: str | None
@@ -243,35 +371,63 @@ def _held_out(predictor, predicted, measured, fit_seconds: float, train_rows, te
 
 def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLike | None = None,
            holdout: float = 0.2, seed: int = 0, runtime: str | None = None, device: str | None = None,
-           config: dict | None = None, verbose: bool = True) -> FitResult:
+           config: dict | None = None, verbose: bool = True, kernel_lists: list[list[dict]] | None = None
+           ) -> FitResult:
     """Train on the networks of a latency store and score the held-out ``holdout`` share.
 
     Each stored spec is built with :func:`hant.cost_models.netspace.build`, traced at its
-    stored input shape and featurised once. Prints the held-out RMSE, MAPE, ±10 % share and
-    Kendall tau when ``verbose``. Raises :class:`CostModelError` for a missing store or one
-    with fewer than 4 networks for the runtime/device asked.
+    stored input shape and featurised once. ``model="kernel"`` trains the kernel predictor
+    (:mod:`~hant.cost_models.learned.kernel_model`) on the store's kernels timed alone
+    (``hant profile --kernels N``) and calibrates its network sum on the training networks (both
+    at their fastest timing block, ``Spread.min_s``; it is still scored against the medians);
+    ``kernel_lists`` may give each stored network's kernel configurations (in store order) to
+    skip building and tracing them. Prints the held-out RMSE, MAPE, ±10 % share and Kendall
+    tau when ``verbose``. Raises :class:`CostModelError` for a missing store or one with fewer
+    than 4 networks (or, for ``kernel``, fewer than 2 kernels) for the runtime/device asked.
     """
     from hant.cost_models.netspace import build
     from hant.cost_models.store import LatencyStore
     from hant.graphs import trace
 
+    if model not in MODEL_KINDS + ("kernel",):
+        raise CostModelError(f"unknown learned model {model!r}; use one of {', '.join(MODEL_KINDS + ('kernel',))}")
     if not os.path.isfile(os.fspath(db_path)):
         raise CostModelError(f"no latency store at {os.fspath(db_path)!r}; make one with `hant profile --out PATH`")
     if not 0 < holdout < 1:
         raise CostModelError(f"holdout must be between 0 and 1, got {holdout}")
     with LatencyStore(db_path) as store:
         records = list(store.networks(runtime=runtime, device=device))
+        kernels = list(store.ops(kind="kernel", runtime=runtime, device=device)) if model == "kernel" else []
     if len(records) < 4:
         raise CostModelError(f"{os.fspath(db_path)!r} holds {len(records)} networks for runtime={runtime}, "
                              f"device={device}; profile at least 4 (`hant profile --n ...`)")
     started = time.perf_counter()
-    graphs = [featurize(trace(build(r.spec), torch.randn(*r.input_shape))) for r in records]
     y = np.array([r.latency_s for r in records])
     order = np.random.default_rng(seed).permutation(len(records))
     n_test = max(2, int(round(holdout * len(records))))
     test_rows, train_rows = sorted(order[:n_test].tolist()), sorted(order[n_test:].tolist())
     metadata = {"source": os.path.basename(os.fspath(db_path)), "runtime": runtime or records[0].runtime,
                 "device": device or records[0].device, "networks": len(records), "seed": seed}
+    if model == "kernel":
+        from hant.cost_models.learned.kernel_model import train_kernels
+        from hant.cost_models.learned.kernels import extract_kernels
+
+        if len(kernels) < 2:
+            raise CostModelError(f"{os.fspath(db_path)!r} holds {len(kernels)} kernels timed alone; time some "
+                                 "with `hant profile --kernels N`")
+        if kernel_lists is None:
+            kernel_lists = [[k.config for k in extract_kernels(trace(build(r.spec), torch.randn(*r.input_shape)))]
+                            for r in records]
+        predictor = train_kernels([k.signature["config"] for k in kernels], [k.spread.min_s for k in kernels],
+                                  config=config, seed=seed, metadata=metadata)
+        fastest = np.array([r.spread.min_s for r in records])
+        predictor.calibrate([kernel_lists[i] for i in train_rows], fastest[train_rows])
+        fit_seconds = time.perf_counter() - started
+        predicted = predictor.predict_configs([kernel_lists[i] for i in test_rows])
+        return _held_out(predictor, predicted, y[test_rows], fit_seconds, train_rows, test_rows, out,
+                         f"kernel on {len(kernels)} kernels, calibrated on {len(train_rows)} networks"
+                         if verbose else None)
+    graphs = [featurize(trace(build(r.spec), torch.randn(*r.input_shape))) for r in records]
     predictor = train(model, [graphs[i] for i in train_rows], y[train_rows], config=config, seed=seed,
                       metadata=metadata)
     fit_seconds = time.perf_counter() - started

@@ -6,8 +6,10 @@ weights), with residual updates. Every node then gets a non-negative latency sha
 head, and the graph's latency is the sum of the shares (sum readout) times a scale fixed at
 training time. Sums make the prediction independent of the order the nodes are listed in.
 
-An optional device vector (few-shot transfer, :mod:`hant.cost_models.learned.transfer`) is
-given to the head beside each node's state, so one trunk serves many devices.
+One trunk can serve many devices in two ways: an optional device vector given to the head
+beside each node's state (``device_dim``), or one latency head per device (``outputs``), which
+few-shot transfer (:mod:`hant.cost_models.learned.transfer`) mixes for a new device with
+non-negative weights. Either way the latency stays a sum of per-node shares.
 """
 
 from __future__ import annotations
@@ -60,15 +62,28 @@ def compress(x: torch.Tensor, edges: torch.Tensor, layers: int, seed: int = 0) -
 class GraphNet(nn.Module):
     """Message passing over a batch of disjoint graphs; see the module docstring."""
 
-    def __init__(self, in_dim: int, hidden: int = 32, layers: int = 3, device_dim: int = 0):
+    def __init__(self, in_dim: int, hidden: int = 32, layers: int = 3, device_dim: int = 0, outputs: int = 1):
         super().__init__()
-        self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "device_dim": device_dim}
+        self.config = {"in_dim": in_dim, "hidden": hidden, "layers": layers, "device_dim": device_dim,
+                       "outputs": outputs}
         self.encode = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.self_w = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
         self.from_inputs = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
         self.from_users = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
-        self.head = nn.Sequential(nn.Linear(hidden + device_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.head = nn.Sequential(nn.Linear(hidden + device_dim, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights; a net built with one output takes the head count of a saved multi-head net.
+
+        Predictor files rebuild the net from its sizes before loading; the number of heads is
+        read from the weights themselves.
+        """
+        outputs = state_dict["head.2.weight"].shape[0] if "head.2.weight" in state_dict else self.config["outputs"]
+        if outputs != self.config["outputs"]:
+            self.head[2] = nn.Linear(self.head[2].in_features, outputs)
+            self.config["outputs"] = outputs
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def node_states(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """(n_nodes, hidden) states after message passing. ``edges`` is (2, E): producer, consumer."""
@@ -94,9 +109,14 @@ class GraphNet(nn.Module):
     def node_shares(self, h: torch.Tensor, device: torch.Tensor | None = None) -> torch.Tensor:
         """Non-negative latency share of every node, in units of the training scale.
 
-        ``device``: None, a (device_dim,) vector for all nodes, or (n_devices, device_dim),
-        which gives (n_nodes, n_devices) shares.
+        With ``device_dim``: ``device`` is a (device_dim,) vector for all nodes, or
+        (n_devices, device_dim), which gives (n_nodes, n_devices) shares. With several
+        ``outputs``: None gives (n_nodes, outputs) shares, one column per head, and a
+        non-negative (outputs,) ``device`` gives their weighted sum, (n_nodes,).
         """
+        if self.config["outputs"] > 1:
+            shares = F.softplus(self.head(h))
+            return shares if device is None else shares @ device
         if device is None:
             return F.softplus(self.head(h)).squeeze(-1)
         if device.dim() == 1:

@@ -15,7 +15,6 @@ from hant.cost_models.learned import data_path, featurize, fit_table, train
 from hant.cost_models.learned.nb201 import family
 from hant.cost_models.learned.perop import group_nodes
 from hant.cost_models.learned.predictor import Predictor
-from hant.cost_models.learned.transfer import adapt, pick_references, pretrain
 
 FAST = {"steps": 30}
 SLICE_ROWS = 60
@@ -152,24 +151,6 @@ def test_learned_model_prices_a_torchvision_network(tmp_path):
     report = get(f"learned:{path}").graph_cost(gm)
     assert report.latency_s > 0 and len(report.rows) == len([n for n in gm.graph.nodes
                                                               if n.op not in ("placeholder", "output", "get_attr")])
-
-
-def test_transfer_to_a_held_out_device(slice_table):
-    from hant.cost_models.learned.fit import read_table
-    fam = family()
-    cols = _columns(slice_table)[2:]
-    target, sources = "samsung_a50", [c for c in cols if c != "samsung_a50"][:4]
-    tables = {c: read_table(slice_table, c, "arch_str") for c in sources + [target]}
-    archs = tables[target].architectures
-    refs = pick_references(archs[:30], [fam.featurize(a) for a in archs[:30]], k=5)
-    ref_rows = [archs.index(a) for a in refs]
-    y = np.stack([tables[c].latency_s for c in sources], axis=1)
-    pre = pretrain(archs[:30], y[:30], sources, fam, refs, y[ref_rows], steps=20)
-    predictor = adapt(pre, fam, tables[target].latency_s[ref_rows], steps=10)
-    scored = [i for i in range(30, len(archs))]
-    predicted = predictor.predict([fam.featurize(archs[i]) for i in scored])
-    assert np.all(predicted > 0) and np.all(np.isfinite(predicted))
-    assert predictor.metadata["pretrained_on"] == sources and target not in sources
 
 
 # ------------------------------------------------------------------ errors
