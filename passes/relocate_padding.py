@@ -13,6 +13,8 @@ repairs it.
 What this module does:
 
 * :func:`chain_paths` finds maximal single-path chains of ops a predicate accepts;
+  :func:`element_chains` does the same with a whole residual block ``x + chain(x)``
+  (:class:`Residual`) allowed as one element, so chains run across inverted residuals;
 * :func:`plan_chains` splits every conv/BN chain into segments to merge, minimising the
   cost model's price (a merged kernel can be slower than the chain it replaces: a 5x5 dense
   conv for two 3x3 ones), with ``relocate=False`` allowing only segments whose merge is exact;
@@ -20,7 +22,10 @@ What this module does:
   fine-tune before merging);
 * :func:`merge` replaces each planned segment by one conv whose weights are COMPUTED from
   the segment's (composed in float64, never re-initialised), and absorbs a residual
-  ``x + chain(x)`` into the conv's centre tap when the whole chain became one conv.
+  ``x + chain(x)`` into the conv's centre tap when the whole chain became one conv. A
+  segment may span residual blocks: ``x + f(x)`` with ``f`` linear is one conv whose
+  kernel is ``f``'s plus an identity at the centre tap, and it composes with its
+  neighbours like any conv (stem conv -> block -> block becomes one conv).
 
 The registered pass ``relocate_padding`` plans, relocates and merges every chain of a graph.
 """
@@ -43,8 +48,8 @@ from hant.graphs.ops import (
 from hant.passes.base import Pass, PassResult, register
 from hant.passes.surgery import add_module, copy_meta, prune_unused, readable
 
-__all__ = ["ChainPlan", "Segment", "chain_paths", "affine_view", "plan_chains", "relocate", "merge",
-           "RelocatePadding", "node_price"]
+__all__ = ["ChainPlan", "Segment", "Residual", "chain_paths", "element_chains", "affine_view", "plan_chains",
+           "relocate", "merge", "RelocatePadding", "node_price"]
 
 _F64 = torch.float64
 
@@ -94,6 +99,83 @@ def chain_paths(gm: GraphModule, member: Callable[[Node], bool]) -> list[list[No
             path.append(nxt)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A residual block ``add(x, chain(x))``: ``nodes`` is the chain (in order), ``add`` the sum."""
+    nodes: tuple[Node, ...]
+    add: Node
+
+    @property
+    def input(self) -> Node:
+        return _data_input(self.nodes[0])
+
+    @property
+    def output(self) -> Node:
+        return self.add
+
+
+Element = Node | Residual
+
+
+def _residual_at(add: Node, member: Callable[[Node], bool]) -> Residual | None:
+    """``add`` as ``x + chain(x)`` where the chain is of ``member`` nodes, each used once, and
+    ``x`` is used by the chain and the add only; else None."""
+    view = add_of(add)
+    if view is None or view.alpha != 1.0 or view.inplace or not all(isinstance(a, Node) for a in (view.lhs, view.rhs)):
+        return None
+    for x, y in ((view.lhs, view.rhs), (view.rhs, view.lhs)):
+        nodes, node = [], y
+        while isinstance(node, Node) and node is not x and member(node) and len(node.users) == 1:
+            nodes.append(node)
+            node = _data_input(node)
+        if node is x and nodes and len(x.users) == 2:
+            return Residual(tuple(reversed(nodes)), add)
+    return None
+
+
+def _element_input(e: Element) -> Node | None:
+    return e.input if isinstance(e, Residual) else _data_input(e)
+
+
+def _element_output(e: Element) -> Node:
+    return e.output if isinstance(e, Residual) else e
+
+
+def element_chains(gm: GraphModule, member: Callable[[Node], bool]) -> list[list[Element]]:
+    """Like :func:`chain_paths`, with every residual block ``x + chain(x)`` whose chain is of
+    ``member`` nodes taken as one :class:`Residual` element. Each element's input is the
+    previous element's output, used by this element alone."""
+    residuals = [r for r in (_residual_at(n, member) for n in gm.graph.nodes) if r is not None]
+    owner: dict[Node, Residual] = {n: r for r in residuals for n in (*r.nodes, r.add)}
+    elements: list[Element] = []
+    for node in gm.graph.nodes:
+        if node in owner:
+            if node is owner[node].add:
+                elements.append(owner[node])
+        elif member(node):
+            elements.append(node)
+
+    def first_nodes(e: Element) -> set[Node]:
+        return {e.nodes[0], e.add} if isinstance(e, Residual) else {e}
+
+    by_input: dict[Node, Element] = {}
+    for e in elements:
+        src = _element_input(e)
+        if src is not None and set(src.users) == first_nodes(e):
+            by_input[src] = e
+    is_element_output = {_element_output(e) for e in elements}
+    chains = []
+    for e in elements:
+        src = _element_input(e)
+        if src is not None and src in is_element_output and by_input.get(src) is e:
+            continue                      # not the start of its chain
+        chain = [e]
+        while _element_output(chain[-1]) in by_input:
+            chain.append(by_input[_element_output(chain[-1])])
+        chains.append(chain)
+    return chains
 
 
 # ---------------------------------------------------------------- composition algebra (float64)
@@ -159,8 +241,7 @@ def _then_bn(acc: _Affine, view: BatchNormView) -> _Affine:
     return _Affine(acc.weight * scale.reshape(shape), acc.bias * scale + shift, acc.stride, acc.padding, acc.groups)
 
 
-def _compose(views: list) -> _Affine:
-    acc = None
+def _compose(views: list, acc: _Affine | None = None) -> _Affine:
     for view in views:
         if view == "identity":
             continue
@@ -168,6 +249,43 @@ def _compose(views: list) -> _Affine:
             acc = _then_conv(acc, view)
         else:
             acc = _then_bn(acc, view)
+    return acc
+
+
+@dataclass(frozen=True)
+class _AffineAsConv:
+    """An :class:`_Affine` seen as a conv view (no dilation), so :func:`_then_conv` composes it."""
+    affine: _Affine
+
+    weight = property(lambda self: self.affine.weight)
+    bias = property(lambda self: self.affine.bias)
+    stride = property(lambda self: self.affine.stride)
+    padding = property(lambda self: self.affine.padding)
+    groups = property(lambda self: self.affine.groups)
+    out_channels = property(lambda self: self.affine.weight.shape[0])
+    dilation = property(lambda self: (1,) * (self.affine.weight.dim() - 2))
+
+
+def _with_identity(acc: _Affine) -> _Affine:
+    """``x + acc(x)`` as one affine map: the identity added at the centre tap (the caller checked
+    stride 1, equal channels and a centred kernel, see :func:`_residual_geometry`)."""
+    weight = acc.weight.clone()
+    per = weight.shape[1]
+    centre = tuple(p for p in acc.padding)
+    for o in range(weight.shape[0]):
+        weight[(o, o % per) + centre] += 1.0
+    return _Affine(weight, acc.bias, acc.stride, acc.padding, acc.groups)
+
+
+def _compose_elements(elements: Iterable[Element]) -> _Affine:
+    """The affine map of a run of elements (nodes and :class:`Residual` blocks), in float64."""
+    acc = None
+    for e in elements:
+        if isinstance(e, Residual):
+            inner = _with_identity(_compose([affine_view(n) for n in e.nodes]))
+            acc = inner if acc is None else _then_conv(acc, _AffineAsConv(inner))
+        else:
+            acc = _compose([affine_view(e)], acc)
     return acc
 
 
@@ -187,11 +305,20 @@ def _to_module(acc: _Affine, dtype: torch.dtype) -> nn.Module:
 
 @dataclass(frozen=True)
 class Segment:
-    """Ops ``nodes`` of one chain to merge into one conv. ``relocated``: its padding had to move."""
+    """Ops ``nodes`` of one chain to merge into one conv. ``relocated``: its padding had to move.
+
+    ``elements`` is the run as chain elements when it spans residual blocks (``nodes`` then
+    lists every node covered, adds included, in graph order); empty for a plain run.
+    """
     nodes: tuple[Node, ...]
     relocated: bool
     price_before: tuple[float, float]
     price_after: tuple[float, float]
+    elements: tuple = ()
+
+    def parts(self) -> tuple:
+        """The run as elements: ``elements``, or ``nodes`` for a plain run."""
+        return self.elements or self.nodes
 
 
 @dataclass
@@ -199,6 +326,18 @@ class ChainPlan:
     """The segments to merge in a graph, and the chains left alone (with why)."""
     segments: list[Segment] = field(default_factory=list)
     left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _flat_nodes(elements: Iterable[Element]) -> list[Node]:
+    out: list[Node] = []
+    for e in elements:
+        out.extend((*e.nodes, e.add) if isinstance(e, Residual) else (e,))
+    return out
+
+
+def _flat_views(elements: Iterable[Element]) -> list:
+    """Views of every affine op of the run, residual chains included (adds left out)."""
+    return [affine_view(n) for e in elements for n in (e.nodes if isinstance(e, Residual) else (e,))]
 
 
 def _needs_relocation(views: list) -> bool:
@@ -234,18 +373,55 @@ def node_price(cost: Any, nodes: Iterable[Node]) -> tuple[float, float]:
     return lat, macs
 
 
-def _segment_shape(views: list) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int, int, int]:
-    """Kernel, stride, relocated padding, in/out channels and groups of the merged conv, from shapes only."""
-    convs = [v for v in views if isinstance(v, ConvView)]
-    n = convs[0].spatial_dims
-    kernel, stride, padding = (1,) * n, (1,) * n, (0,) * n
-    for v in convs:
-        k_eff = tuple(d * (k - 1) + 1 for d, k in zip(v.dilation, v.kernel_size))
-        kernel = tuple(a + (k - 1) * s for a, k, s in zip(kernel, k_eff, stride))
-        padding = tuple(p + q * s for p, q, s in zip(padding, v.padding, stride))
-        stride = tuple(s * t for s, t in zip(stride, v.stride))
-    groups = {v.groups for v in convs}
-    return kernel, stride, padding, convs[0].in_channels, convs[-1].out_channels, groups.pop() if len(groups) == 1 else 1
+@dataclass(frozen=True)
+class _Geometry:
+    """Kernel (dilation expanded), stride, padding, channels and groups of a (merged) conv."""
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    cin: int
+    cout: int
+    groups: int
+
+
+def _then_geometry(acc: _Geometry | None, g: _Geometry) -> _Geometry:
+    if acc is None:
+        return g
+    kernel = tuple(a + (k - 1) * s for a, k, s in zip(acc.kernel, g.kernel, acc.stride))
+    padding = tuple(p + q * s for p, q, s in zip(acc.padding, g.padding, acc.stride))
+    stride = tuple(s * t for s, t in zip(acc.stride, g.stride))
+    return _Geometry(kernel, stride, padding, acc.cin, g.cout, acc.groups if acc.groups == g.groups else 1)
+
+
+def _conv_geometry(v: ConvView) -> _Geometry:
+    k_eff = tuple(d * (k - 1) + 1 for d, k in zip(v.dilation, v.kernel_size))
+    return _Geometry(k_eff, tuple(v.stride), tuple(v.padding), v.in_channels, v.out_channels, v.groups)
+
+
+def _residual_geometry(r: Residual) -> _Geometry | None:
+    """The merged conv of ``x + chain(x)``, or None when the identity does not fit in it
+    (stride, channels, or a kernel not centred on its padding)."""
+    g = None
+    for v in (affine_view(n) for n in r.nodes):
+        if isinstance(v, ConvView):
+            g = _then_geometry(g, _conv_geometry(v))
+    if (g is None or g.cin != g.cout or any(s != 1 for s in g.stride)
+            or any(k != 2 * p + 1 for k, p in zip(g.kernel, g.padding))):
+        return None
+    return g
+
+
+def _run_geometry(elements: list) -> _Geometry | None:
+    g = None
+    for e in elements:
+        if isinstance(e, Residual):
+            r = _residual_geometry(e)
+            if r is None:
+                return None
+            g = _then_geometry(g, r)
+        elif isinstance(affine_view(e), ConvView):
+            g = _then_geometry(g, _conv_geometry(affine_view(e)))
+    return g
 
 
 def _empty_conv(kernel, stride, padding, cin, cout, groups, dtype) -> nn.Module:
@@ -259,79 +435,132 @@ def _empty_conv(kernel, stride, padding, cin, cout, groups, dtype) -> nn.Module:
     return conv
 
 
-def _segment_price(cost: Any, views: list, nodes: list[Node]) -> tuple[float, float] | None:
-    """Price of the merged conv of ``nodes`` from its shape alone (no weights are composed);
-    None when the merge is impossible or would change the output shape."""
-    in_shape, out_shape = output_shape(_data_input(nodes[0])), output_shape(nodes[-1])
-    dtype = output_dtype(nodes[-1]) or torch.float32
-    if in_shape is None or out_shape is None or not any(isinstance(v, ConvView) for v in views):
+def _segment_price(cost: Any, elements: list) -> tuple[float, float] | None:
+    """Price of the merged conv of a run of elements from its shape alone (no weights are
+    composed); None when the merge is impossible or would change the output shape."""
+    source = _element_input(elements[0])
+    in_shape, out_shape = output_shape(source) if source is not None else None, output_shape(
+        _element_output(elements[-1]))
+    dtype = output_dtype(_element_output(elements[-1])) or torch.float32
+    g = _run_geometry(elements)
+    if in_shape is None or out_shape is None or g is None:
         return None
-    kernel, stride, padding, cin, cout, groups = _segment_shape(views)
-    spatial = len(stride)
-    expected = [(h + 2 * p - k) // s + 1 for h, p, k, s in zip(in_shape[-spatial:], padding, kernel, stride)]
-    if list(out_shape[-spatial:]) != expected or out_shape[1] != cout or in_shape[1] != cin:
+    spatial = len(g.stride)
+    expected = [(h + 2 * p - k) // s + 1 for h, p, k, s in zip(in_shape[-spatial:], g.padding, g.kernel, g.stride)]
+    if list(out_shape[-spatial:]) != expected or out_shape[1] != g.cout or in_shape[1] != g.cin:
         return None
-    node = _one_op_graph(_empty_conv(kernel, stride, padding, cin, cout, groups, dtype), in_shape, dtype)
+    node = _one_op_graph(_empty_conv(g.kernel, g.stride, g.padding, g.cin, g.cout, g.groups, dtype), in_shape, dtype)
     return node_price(cost, [node])
 
 
-def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True, cache: dict | None = None) -> ChainPlan:
+def _ring_allowed(run: list, max_padding_fraction: float) -> bool:
+    """Whether the relocated padding of ``run`` is at most ``max_padding_fraction`` of its input's
+    smallest spatial size (at least 1 pixel): the ring of changed border pixels stays thin."""
+    g, source = _run_geometry(run), _element_input(run[0])
+    shape = output_shape(source) if source is not None else None
+    if g is None or shape is None:
+        return False
+    return max(g.padding) <= max(1, int(min(shape[2:]) * max_padding_fraction))
+
+
+def _plan_run(cost: Any, chain: list, relocate: bool,
+              max_padding_fraction: float | None) -> tuple[tuple[float, float, int], list[Segment]]:
+    """Cheapest split of one chain into segments: a dynamic program over split points.
+
+    A residual element alone costs its own chain's best plan plus its add (merging all of
+    its chain absorbs the add, see :func:`merge`); a run of several elements is priced as
+    its merged conv."""
+    m = len(chain)
+    single: list[tuple[tuple[float, float, int], list[Segment]]] = []
+    for e in chain:
+        if isinstance(e, Residual):
+            (lat, macs, n), segs = _plan_run(cost, list(e.nodes), relocate, max_padding_fraction)
+            add_lat, add_macs = node_price(cost, [e.add])
+            whole = len(segs) == 1 and len(segs[0].nodes) == len(e.nodes)
+            if whole and _residual_geometry(e) is not None:
+                add_lat = add_macs = 0.0        # absorbed into the merged conv's centre tap
+            single.append(((lat + add_lat, macs + add_macs, n + 1), segs))
+        else:
+            lat, macs = node_price(cost, [e])
+            single.append(((lat, macs, 1), []))
+    best: list = [((0.0, 0.0, 0), [])] + [None] * m
+    for j in range(1, m + 1):
+        for i in range(j):
+            prev = best[i]
+            if prev is None:
+                continue
+            if j - i == 1:
+                (lat, macs, n), segs = single[i]
+                cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + n), prev[1] + segs)
+            else:
+                run = chain[i:j]
+                first = next((v for v in (affine_view(e) if not isinstance(e, Residual) else e for e in run)
+                              if v != "identity"), None)
+                if not isinstance(first, (ConvView, Residual)):
+                    continue
+                reloc = _needs_relocation(_flat_views(run))
+                if reloc and (not relocate or (max_padding_fraction is not None
+                                               and not _ring_allowed(run, max_padding_fraction))):
+                    continue
+                priced = _segment_price(cost, run)
+                if priced is None:
+                    continue
+                lat, macs = priced
+                before = (sum(s[0][0] for s in single[i:j]), sum(s[0][1] for s in single[i:j]))
+                has_residual = any(isinstance(e, Residual) for e in run)
+                segment = Segment(tuple(_flat_nodes(run)), reloc, before, (lat, macs),
+                                  tuple(run) if has_residual else ())
+                cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1] + [segment])
+            if best[j] is None or cand[0] < best[j][0]:
+                best[j] = cand
+    return best[m]
+
+
+def _names(part: Element) -> Any:
+    return (tuple(n.name for n in part.nodes), part.add.name) if isinstance(part, Residual) else part.name
+
+
+def _from_names(names: Any, by_name: dict[str, Node]) -> Element:
+    if isinstance(names, str):
+        return by_name[names]
+    return Residual(tuple(by_name[x] for x in names[0]), by_name[names[1]])
+
+
+def plan_chains(gm: GraphModule, cost: Any, *, relocate: bool = True, cache: dict | None = None,
+                max_padding_fraction: float | None = None) -> ChainPlan:
     """Choose, for every conv/BN chain of ``gm``, the segments whose merged conv is cheapest.
 
-    Per chain, a dynamic program over split points minimises the summed price
-    ``(latency_s, MACs)`` (latency first, MACs break ties, so a latency-free model such as
-    ``flops`` still decides). A segment must start with a conv; with ``relocate=False`` it
-    may hold no padded conv after its first op (its merge is then exact). Nodes need
-    ``tensor_meta``. ``cache`` (a dict the caller keeps) remembers the split of every chain
-    by its node names: pass one only across graphs derived from the same traced graph, as
-    the nonlinearity-removal scorer does.
+    Chains are :func:`element_chains` of conv/BN/identity nodes: they run through residual
+    blocks whose inner chain is linear. Per chain, a dynamic program over split points
+    minimises the summed price ``(latency_s, MACs)`` (latency first, MACs break ties, so a
+    latency-free model such as ``flops`` still decides). A segment must start with a conv
+    (or a residual block); with ``relocate=False`` it may hold no padded conv after its
+    first op (its merge is then exact). With ``max_padding_fraction``, a relocated segment may
+    pad its input by at most that fraction of its smallest spatial size (at least 1 pixel): a
+    merge whose kernel covers most of the image would change most of its pixels, not a ring.
+    Nodes need ``tensor_meta``. ``cache`` (a dict the
+    caller keeps) remembers the split of every chain by its node names: pass one only
+    across graphs derived from the same traced graph, as the nonlinearity-removal scorer does.
     """
     plan = ChainPlan()
-    for path in chain_paths(gm, lambda n: affine_view(n) is not None):
-        views = [affine_view(n) for n in path]
-        if sum(isinstance(v, ConvView) for v in views) == 0 or len(path) < 2:
+    for chain in element_chains(gm, lambda n: affine_view(n) is not None):
+        nodes = _flat_nodes(chain)
+        if not any(isinstance(affine_view(n), ConvView) for n in nodes) or len(nodes) < 2:
             continue
-        key = (relocate, tuple(n.name for n in path))
+        key = (relocate, max_padding_fraction, tuple(n.name for n in nodes))
         if cache is not None and key in cache:
-            by_name = {n.name: n for n in path}
-            for names, reloc, before, after in cache[key]:
-                plan.segments.append(Segment(tuple(by_name[x] for x in names), reloc, before, after))
-            if not cache[key]:
-                plan.left.append((" + ".join(key[1]), "no merge is cheaper than the ops it replaces"))
-            continue
-        m = len(path)
-        single = [node_price(cost, [n]) for n in path]
-        best: list[tuple[tuple[float, float, int], list]] = [((0.0, 0.0, 0), [])] + [None] * m
-        for j in range(1, m + 1):
-            for i in range(j):
-                prev = best[i]
-                if prev is None:
-                    continue
-                if j - i == 1:
-                    lat, macs = single[i]
-                    cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1])
-                else:
-                    seg_views, seg_nodes = views[i:j], path[i:j]
-                    first_op = next((v for v in seg_views if v != "identity"), None)
-                    reloc = _needs_relocation(seg_views)
-                    if not isinstance(first_op, ConvView) or (reloc and not relocate):
-                        continue
-                    priced = _segment_price(cost, seg_views, seg_nodes)
-                    if priced is None:
-                        continue
-                    lat, macs = priced
-                    before = node_price(cost, seg_nodes)
-                    segment = Segment(tuple(seg_nodes), reloc, before, (lat, macs))
-                    cand = ((prev[0][0] + lat, prev[0][1] + macs, prev[0][2] + 1), prev[1] + [segment])
-                if best[j] is None or cand[0] < best[j][0]:
-                    best[j] = cand
-        chosen = best[m][1]
-        plan.segments.extend(chosen)
-        if cache is not None:
-            cache[key] = [(tuple(n.name for n in seg.nodes), seg.relocated, seg.price_before, seg.price_after)
-                          for seg in chosen]
-        if not chosen:
-            plan.left.append((" + ".join(n.name for n in path), "no merge is cheaper than the ops it replaces"))
+            by_name = {n.name: n for n in nodes}
+            for names, reloc, before, after, parts in cache[key]:
+                plan.segments.append(Segment(tuple(by_name[x] for x in names), reloc, before, after,
+                                             tuple(_from_names(p, by_name) for p in parts)))
+        else:
+            chosen = _plan_run(cost, chain, relocate, max_padding_fraction)[1]
+            plan.segments.extend(chosen)
+            if cache is not None:
+                cache[key] = [(tuple(n.name for n in seg.nodes), seg.relocated, seg.price_before, seg.price_after,
+                               tuple(_names(p) for p in seg.elements)) for seg in chosen]
+        if not any(seg.nodes[0] in nodes for seg in plan.segments):
+            plan.left.append((" + ".join(n.name for n in nodes), "no merge is cheaper than the ops it replaces"))
     return plan
 
 
@@ -341,14 +570,16 @@ def relocate(gm: GraphModule, plan: ChainPlan) -> list[Segment]:
     """Move each planned segment's padding to its first conv, in place, keeping every conv's weights.
 
     Only segments of ``call_module`` convs are relocated this way (new conv modules with the
-    new padding; the old ones, which may be shared with the caller, are untouched). Returns
+    new padding; the old ones, which may be shared with the caller, are untouched). Segments
+    that span residual blocks are left as they are: a skip connection fixes the size of the
+    tensor it adds to, so their padding moves only when :func:`merge` merges them. Returns
     the segments relocated; :func:`merge` merges them afterwards exactly.
     """
     done = []
     for seg in plan.segments:
         views = [affine_view(n) for n in seg.nodes]
         convs = [v for v in views if isinstance(v, ConvView)]
-        if not seg.relocated or any(v.module is None for v in convs):
+        if not seg.relocated or seg.elements or any(v.module is None for v in convs):
             continue
         total, stride = None, None
         for v in convs:
@@ -373,11 +604,6 @@ def _copy_conv(module: nn.Module, padding: tuple[int, ...]) -> nn.Module:
         if module.bias is not None:
             new.bias.copy_(module.bias)
     return new.to(module.weight.dtype)
-
-
-def _current_views(nodes: tuple[Node, ...]) -> list:
-    """Views of a segment, with padding read as if relocated when it already is (relocate() ran)."""
-    return [affine_view(n) for n in nodes]
 
 
 def _absorb_residual(gm: GraphModule, merged: Node, source: Node, module: nn.Module) -> bool:
@@ -412,15 +638,16 @@ def merge(gm: GraphModule, plan: ChainPlan, *, absorb_residual: bool = True) -> 
     """
     names = []
     for seg in plan.segments:
-        views = _current_views(seg.nodes)
-        if any(v is None for v in views):
+        parts = seg.parts()
+        adds = {p.add for p in parts if isinstance(p, Residual)}
+        if any(affine_view(n) is None for n in seg.nodes if n not in adds):
             continue
-        source = _data_input(seg.nodes[0])
-        dtype = output_dtype(seg.nodes[-1]) or torch.float32
-        module = _to_module(_compose(views), dtype)
-        first = next(n for n, v in zip(seg.nodes, views) if isinstance(v, ConvView))
+        source = _element_input(parts[0])
+        last = _element_output(parts[-1])
+        dtype = output_dtype(last) or torch.float32
+        module = _to_module(_compose_elements(parts), dtype)
+        first = next(n for n in seg.nodes if isinstance(affine_view(n), ConvView))
         target = add_module(gm, readable(first.name) + "_merged", module)
-        last = seg.nodes[-1]
         with gm.graph.inserting_before(last):
             new = gm.graph.call_module(target, (source,))
         copy_meta(last, new)

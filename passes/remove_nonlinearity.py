@@ -8,7 +8,10 @@ compression (Kim et al., ICML 2023), as a general pass on any traced graph:
    before and after it on its chain is *interior*; every contiguous run of up to
    ``max_unit_size`` interior activations is a unit (both activations of a MobileNetV2
    inverted residual: pw -> dw -> pw then becomes one conv), and every activation alone is a
-   unit. Units sharing an activation are mutually exclusive.
+   unit. Chains also run across residual blocks (:func:`hant.passes.relocate_padding.element_chains`):
+   there a whole block's activations count as one item, so a unit may span a block and the
+   activations around it (stem activation + first block: stem conv and block fold into one
+   conv, the residual add included). Units sharing an activation are mutually exclusive.
 2. **Importance** of a unit: the output distortion when only that unit is removed and its
    chain folded, on the user's calibration batches: ``KL(softmax(teacher) || softmax(student))``
    for classifier logits (2-D outputs), relative MSE otherwise; or, when ``evaluate`` is given,
@@ -47,12 +50,14 @@ from hant.errors import InputError, PassError
 from hant.graphs.ops import ConvView, activation_of
 from hant.graphs.trace import as_input_tuple, propagate_shapes, trace
 from hant.passes.base import Pass, PassResult, register
-from hant.passes.relocate_padding import affine_view, chain_paths, merge, plan_chains, relocate
+from hant.passes.relocate_padding import (
+    ChainPlan, Residual, affine_view, chain_paths, element_chains, merge, plan_chains, relocate,
+)
 from hant.passes.selection import max_gain_under_budget, min_importance_for_saving
 from hant.passes.surgery import prune_unused
 
-__all__ = ["Unit", "LinearizeReport", "LinearizeResult", "find_units", "linearise", "fold_chains", "distortion",
-           "linearize", "RemoveNonlinearity", "MODES"]
+__all__ = ["MAX_PADDING_FRACTION", "Unit", "LinearizeReport", "LinearizeResult", "find_units", "linearise",
+           "fold_chains", "distortion", "linearize", "RemoveNonlinearity", "MODES"]
 
 MODES = ("ilp", "greedy")
 
@@ -72,13 +77,33 @@ def find_units(gm: GraphModule, *, max_unit_size: int = 3) -> list[tuple[str, ..
         acts = [i for i, n in enumerate(path) if activation_of(n) is not None]
         for i in acts:
             units.append((path[i].name,))
-        for start in range(len(interior)):
-            for size in range(2, max_unit_size + 1):
-                run = interior[start:start + size]
-                if len(run) == size:
-                    units.append(tuple(path[i].name for i in run))
+        units.extend(_runs([(path[i].name,) for i in interior], max_unit_size, min_size=2))
+    # Runs across residual blocks: a block x + chain(x) is one item (all its chain's activations),
+    # so that e.g. the stem's activation and the first block's go together, and their convs merge.
+    for chain in element_chains(gm, member):
+        if not any(isinstance(e, Residual) for e in chain):
+            continue
+        items: list[tuple[str, ...]] = []
+        conv_like = [isinstance(e, Residual) and any(isinstance(affine_view(n), ConvView) for n in e.nodes)
+                     or (not isinstance(e, Residual) and isinstance(affine_view(e), ConvView)) for e in chain]
+        for i, e in enumerate(chain):
+            if isinstance(e, Residual):
+                acts_in = tuple(n.name for n in e.nodes if activation_of(n) is not None)
+                if acts_in and conv_like[i]:
+                    items.append(acts_in)
+            elif activation_of(e) is not None and any(conv_like[:i]) and any(conv_like[i + 1:]):
+                items.append((e.name,))
+        units.extend(_runs(items, max_unit_size, min_size=1))
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
-    return sorted(set(units), key=lambda u: (order[u[0]], len(u)))
+    units = {tuple(sorted(u, key=order.__getitem__)) for u in units}
+    return sorted(units, key=lambda u: (order[u[0]], len(u), [order[a] for a in u]))
+
+
+def _runs(items: list[tuple[str, ...]], max_size: int, *, min_size: int) -> list[tuple[str, ...]]:
+    """Every contiguous run of ``min_size`` to ``max_size`` items, flattened into one unit."""
+    return [tuple(a for item in items[start:start + size] for a in item)
+            for start in range(len(items)) for size in range(min_size, max_size + 1)
+            if start + size <= len(items)]
 
 
 def linearise(gm: GraphModule, activations: Iterable[str]) -> GraphModule:
@@ -105,15 +130,21 @@ def _exact_passes(gm: GraphModule, passes: str | None, cost: Any, inputs: tuple 
     return PassManager(passes, cost=cost, check=inputs).__call__(gm).graph_module
 
 
+MAX_PADDING_FRACTION = 1 / 16
+
+
 def fold_chains(gm: GraphModule, cost: Any, *, relocate_padding: bool = True, exact_passes: str | None = "exact",
-                check_inputs: tuple | None = None, plan_cache: dict | None = None) -> GraphModule:
+                check_inputs: tuple | None = None, plan_cache: dict | None = None,
+                max_padding_fraction: float | None = MAX_PADDING_FRACTION) -> GraphModule:
     """A copy of ``gm`` with every conv chain merged where the cost model says it pays, then ``exact_passes``.
 
     ``gm`` needs ``tensor_meta``. With ``relocate_padding=False`` only exact merges happen.
-    ``plan_cache``: see :func:`hant.passes.relocate_padding.plan_chains`.
+    ``plan_cache`` and ``max_padding_fraction`` (default 1/16: a 32x32 input may take a
+    relocated ring of 2 pixels; None: no limit): see :func:`hant.passes.relocate_padding.plan_chains`.
     """
     out = copy.deepcopy(gm)
-    plan = plan_chains(out, cost, relocate=relocate_padding, cache=plan_cache)
+    plan = plan_chains(out, cost, relocate=relocate_padding, cache=plan_cache,
+                       max_padding_fraction=max_padding_fraction)
     merge(out, plan)
     if check_inputs is not None:
         propagate_shapes(out, check_inputs)
@@ -225,8 +256,9 @@ class LinearizeReport:
 @dataclass
 class LinearizeResult:
     """``module``: the folded student. ``linearised``: the same activations removed and padding
-    relocated but no chain merged (fine-tune it, then :func:`fold_chains` it, to fine-tune
-    before folding). ``teacher``: the traced original."""
+    relocated but no chain merged, except chains that span a residual block (merged: they have
+    no other relocated form); fine-tune it, then :func:`fold_chains` it (exactly), to fine-tune
+    before folding. ``teacher``: the traced original."""
     module: GraphModule
     linearised: GraphModule
     teacher: GraphModule
@@ -243,10 +275,11 @@ class _Scorer:
     """Scores sets of removed activations on one traced graph: folded latency and importance."""
 
     def __init__(self, gm: GraphModule, example: tuple, batches: list[tuple], cost: Any, evaluate, importance: str,
-                 relocate_padding: bool, exact_passes: str | None):
+                 relocate_padding: bool, exact_passes: str | None, max_padding_fraction: float | None):
         self.gm, self.example, self.batches, self.cost = gm, example, batches, cost
         self.evaluate, self.importance = evaluate, importance
         self.relocate_padding, self.exact_passes = relocate_padding, exact_passes
+        self.max_padding_fraction = max_padding_fraction
         self.reference = _run(gm, batches)
         self.reference_metric = evaluate(gm) if evaluate is not None else None
         self.plan_cache: dict = {}
@@ -256,7 +289,8 @@ class _Scorer:
 
     def fold(self, lin: GraphModule) -> GraphModule:
         return fold_chains(lin, self.cost, relocate_padding=self.relocate_padding, exact_passes=self.exact_passes,
-                           check_inputs=self.example, plan_cache=self.plan_cache)
+                           check_inputs=self.example, plan_cache=self.plan_cache,
+                           max_padding_fraction=self.max_padding_fraction)
 
     def score(self, activations: Iterable[str]) -> dict:
         lin = linearise(self.gm, activations)
@@ -286,7 +320,8 @@ def _check_goal(budget: float | None, latency_target: float | None) -> None:
 
 
 def _linearize_gm(gm: GraphModule, example: tuple, batches: list[tuple], *, budget, latency_target, mode, cost, evaluate,
-                  relocate_padding, max_unit_size, exact_passes, progress) -> LinearizeResult:
+                  relocate_padding, max_unit_size, exact_passes, progress,
+                  max_padding_fraction=MAX_PADDING_FRACTION) -> LinearizeResult:
     from hant.cost_models import get as get_cost_model
 
     _check_goal(budget, latency_target)
@@ -294,7 +329,8 @@ def _linearize_gm(gm: GraphModule, example: tuple, batches: list[tuple], *, budg
         raise PassError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     cost = get_cost_model(cost)
     importance = "metric" if evaluate is not None else "distortion"
-    scorer = _Scorer(gm, example, batches, cost, evaluate, importance, relocate_padding, exact_passes)
+    scorer = _Scorer(gm, example, batches, cost, evaluate, importance, relocate_padding, exact_passes,
+                     max_padding_fraction)
     report = LinearizeReport(mode, getattr(cost, "name", type(cost).__name__), importance, budget, latency_target)
     report.original_latency_s = scorer.latency(gm)
     base = scorer.score(())
@@ -332,7 +368,11 @@ def _linearize_gm(gm: GraphModule, example: tuple, batches: list[tuple], *, budg
         report.notes.append("nothing chosen: the module is the original graph, unchanged")
         return LinearizeResult(copy.deepcopy(gm), copy.deepcopy(gm), gm, report)
     lin = final["linearised"]
-    relocate(lin, plan_chains(lin, cost, relocate=relocate_padding))
+    plan = plan_chains(lin, cost, relocate=relocate_padding, max_padding_fraction=max_padding_fraction)
+    relocate(lin, plan)
+    # A merge across a residual block has no relocated unmerged form (the skip connection fixes the
+    # size of the tensor it adds to): merge it now, so that folding after fine-tuning stays exact.
+    merge(lin, ChainPlan([seg for seg in plan.segments if seg.elements]))
     propagate_shapes(lin, example)
     return LinearizeResult(final["folded"], lin, gm, report)
 
@@ -383,20 +423,24 @@ def _batches(calib_batches: Iterable) -> list[tuple]:
 def linearize(model: nn.Module, example_inputs: Any, calib_batches: Iterable, *, budget: float | None = None,
               latency_target: float | None = None, mode: str = "ilp", cost: Any = "roofline:cpu",
               evaluate: Callable[[nn.Module], float] | None = None, relocate_padding: bool = True,
-              max_unit_size: int = 3, exact_passes: str | None = "exact", progress: bool = True) -> LinearizeResult:
+              max_unit_size: int = 3, exact_passes: str | None = "exact", progress: bool = True,
+              max_padding_fraction: float | None = MAX_PADDING_FRACTION) -> LinearizeResult:
     """Remove the activations that pay least for their latency, and fold; see the module doc.
 
     ``model`` is traced with :func:`hant.trace` (never modified). ``calib_batches`` yields
     input tensors or ``(inputs, labels)``. Give ``budget`` (max total importance: KL, or metric
     drop when ``evaluate(module) -> float`` is given, e.g. 0.01 = one accuracy point) or
     ``latency_target`` (fraction of the folded baseline latency). ``mode``: ``"ilp"`` or
-    ``"greedy"``. ``cost``: a cost-model spec or object.
+    ``"greedy"``. ``cost``: a cost-model spec or object. ``max_padding_fraction``: the
+    widest relocated padding ring, as a fraction of a merged chain's input size (see
+    :func:`fold_chains`).
     """
     example = as_input_tuple(example_inputs)
     gm = trace(model, example)
     return _linearize_gm(gm, example, _batches(calib_batches), budget=budget, latency_target=latency_target, mode=mode,
                          cost=cost, evaluate=evaluate, relocate_padding=relocate_padding,
-                         max_unit_size=max_unit_size, exact_passes=exact_passes, progress=progress)
+                         max_unit_size=max_unit_size, exact_passes=exact_passes, progress=progress,
+                         max_padding_fraction=max_padding_fraction)
 
 
 @register
@@ -405,8 +449,8 @@ class RemoveNonlinearity(Pass):
 
     ``budget`` or ``latency_target`` (one is required), ``mode`` ("ilp"), ``calibration``
     (batches; default: ``context.check_inputs`` as one batch), ``evaluate``,
-    ``relocate_padding`` (True), ``max_unit_size`` (3). The cost model is ``context.cost``
-    (default ``roofline:cpu``). Every unit becomes a decision in the report.
+    ``relocate_padding`` (True), ``max_unit_size`` (3), ``max_padding_fraction`` (1/16). The cost
+    model is ``context.cost`` (default ``roofline:cpu``). Every unit becomes a decision in the report.
     """
 
     name = "remove_nonlinearity"
@@ -426,7 +470,8 @@ class RemoveNonlinearity(Pass):
             mode=opts.get("mode", "ilp"), cost=self.context.cost if self.context.cost is not None else "roofline:cpu",
             evaluate=opts.get("evaluate"), relocate_padding=opts.get("relocate_padding", True),
             max_unit_size=opts.get("max_unit_size", 3), exact_passes=opts.get("exact_passes", "exact"),
-            progress=opts.get("progress", False))
+            progress=opts.get("progress", False),
+            max_padding_fraction=opts.get("max_padding_fraction", MAX_PADDING_FRACTION))
         for u in result.report.units:
             reason = (f"importance {u.importance:.4g}, gain {u.gain_s * 1e6:.2f} us"
                       + (f", relocation drift {u.relocation_drift:.2e}" if u.relocation_drift else "")

@@ -141,7 +141,11 @@ def test_residual_is_absorbed_into_the_merged_conv():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     gm = hant.trace(model, x)
     lin = linearise(gm, ["act1"])
-    folded = fold_chains(lin, OpCount(), relocate_padding=True, exact_passes=None, check_inputs=(x,))
+    # 8x8 input, 2-pixel ring: wider than fold_chains' default limit (1/16 of 8, at least 1 pixel)
+    assert [op_kind(n) for n in fold_chains(lin, OpCount(), exact_passes=None, check_inputs=(x,)).graph.nodes
+            ].count("conv") == 2
+    folded = fold_chains(lin, OpCount(), relocate_padding=True, exact_passes=None, check_inputs=(x,),
+                         max_padding_fraction=None)
     kinds = [op_kind(n) for n in folded.graph.nodes]
     assert kinds.count("conv") == 1 and "add" not in kinds
     # the merged conv with the residual in its centre tap is exactly the relocated (unmerged) chain plus x
