@@ -241,16 +241,28 @@ def register_family(name: str, family: Callable[[SiteShape], dict[str, Factory]]
     FAMILIES[name] = family
 
 
-def candidates_for(site: SiteShape, families: list[str] | None = None) -> dict[str, Factory]:
-    """Every candidate of the chosen families (all by default) that fits ``site``, by name."""
+def candidates_for(site: SiteShape, families: list[str] | None = None, *,
+                   activations: list[str] | None = None) -> dict[str, Factory]:
+    """Every candidate of the chosen families (all by default) that fits ``site``, by name.
+
+    ``activations`` (names from :data:`ACTIVATIONS`) keeps only the candidates whose name
+    ends in one of them, plus those without an activation suffix (``identity``); None keeps
+    every activation choice.
+    """
     chosen = list(FAMILIES) if families is None else families
     unknown = [f for f in chosen if f not in FAMILIES]
     if unknown:
         raise PassError(f"unknown candidate families {unknown}; known: {', '.join(FAMILIES)}")
+    if activations is not None and not set(activations) <= set(ACTIVATIONS):
+        raise PassError(f"unknown activations {sorted(set(activations) - set(ACTIVATIONS))}; "
+                        f"known: {', '.join(ACTIVATIONS)}")
+    dropped = set(ACTIVATIONS) - set(activations) if activations is not None else set()
     out: dict[str, Factory] = {}
     for family in chosen:
         for name, factory in FAMILIES[family](site).items():
             if name in out:
                 raise PassError(f"candidate name {name!r} is produced by two families; names must be unique")
+            if name.rpartition("_")[2] in dropped:
+                continue
             out[name] = factory
     return out

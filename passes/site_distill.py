@@ -97,7 +97,10 @@ def capture_sites(observer: nn.Module, batches: Iterable, site_names: list[str])
 
 def _train_site(site: SiteCapture, jobs: dict[str, Callable[[], nn.Module]], config: DistillConfig,
                 run_dir: Path, progress: tqdm) -> None:
-    """Train the given candidates of one site together, writing each as it finishes."""
+    """Train the given candidates of one site together, writing each as it finishes.
+
+    ``progress`` counts job-steps, so its estimate of the time left is live within a site.
+    """
     models, optimizers = {}, {}
     for candidate, factory in jobs.items():
         torch.manual_seed(job_seed(site.name, candidate))
@@ -123,6 +126,7 @@ def _train_site(site: SiteCapture, jobs: dict[str, Callable[[], nn.Module]], con
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        progress.update(len(models))
     for candidate, model in models.items():
         model.eval()
         with torch.no_grad():
@@ -133,7 +137,6 @@ def _train_site(site: SiteCapture, jobs: dict[str, Callable[[], nn.Module]], con
         torch.save({"state_dict": model.state_dict(), "loss": float(sum(losses) / len(losses)),
                     "steps": config.steps, "config": config.as_dict()}, tmp)
         os.replace(tmp, path)   # atomic: a killed run never leaves half a job
-        progress.update(1)
 
 
 def distill_jobs(captures: dict[str, SiteCapture], candidates: dict[str, dict[str, Callable[[], nn.Module]]],
@@ -151,8 +154,9 @@ def distill_jobs(captures: dict[str, SiteCapture], candidates: dict[str, dict[st
     by_site: dict[str, dict[str, Callable[[], nn.Module]]] = {}
     for site, cand in todo:
         by_site.setdefault(site, {})[cand] = candidates[site][cand]
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"distil (rank {rank})",
-              disable=not show_progress, unit="job") as progress:
+    with tqdm(total=len(mine) * config.steps, initial=(len(mine) - len(todo)) * config.steps,
+              desc=f"distil {len(todo)} of {len(mine)} jobs (rank {rank})", disable=not show_progress,
+              unit="job-step") as progress:
         for site, jobs in by_site.items():
             _train_site(captures[site], jobs, config, run_dir, progress)
     return len(todo)

@@ -2,20 +2,27 @@
 
 1. **Sites** are natural single-entry single-exit regions of the traced teacher (ResNet
    blocks, inverted residuals, conv-BN-act stems), or regions of modules the user names.
-2. **Distillation** (:mod:`hant.passes.site_distill`): every candidate of every site
-   learns to map the teacher's site input to the teacher's site output; the final
-   normalised MSE is its score (the teacher itself scores 0). Resumable and shardable.
-3. **Choice**: each candidate is priced at its site by the target's cost model (after
-   exact folding, as it would be deployed); a multiple-choice knapsack (HiGHS) picks one
-   candidate per site, minimising total score under a latency budget. One distillation
-   serves every budget.
-4. **Student**: FX surgery puts the chosen candidates in place of their regions, then the
+2. **Pricing**: each candidate is priced at its site by the target's cost model (after
+   exact folding, as it would be deployed). A candidate no faster than the teacher's own
+   block is dominated (the teacher scores 0 and is faster) and, by default, never trained.
+3. **Distillation** (:mod:`hant.passes.site_distill`): every remaining candidate of every
+   site learns to map the teacher's site input to the teacher's site output; the final
+   normalised MSE is its ``distill`` score (the teacher itself scores 0). Resumable and
+   shardable. Optionally the LANA ``replace_one`` score: how far the teacher's output moves
+   (KL divergence of its softmax for classifiers, normalised MSE otherwise) with only
+   that site swapped for the distilled candidate, on held-out batches.
+4. **Choice**: a multiple-choice knapsack (HiGHS) picks one candidate per site, minimising
+   the total score under a latency budget. One distillation serves every budget and score.
+5. **Student**: FX surgery puts the chosen candidates in place of their regions, then the
    exact passes run. Optional fine-tuning with knowledge distillation from the teacher.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import hashlib
+import json
 import os
 import pydoc
 from dataclasses import dataclass, field
@@ -25,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tabulate import tabulate
 from torch.fx import GraphModule, Node
 
@@ -38,15 +46,16 @@ from hant.passes.candidates import SiteShape, candidates_for, low_rank_conv
 from hant.passes.manager import PassManager
 from hant.passes.selection import multiple_choice
 from hant.passes.site_distill import (
-    DistillConfig, capture_sites, collect_results, distill_jobs, distributed_context, write_manifest,
+    DistillConfig, capture_sites, collect_results, distill_jobs, distributed_context, normalized_mse, write_manifest,
 )
 from hant.passes.surgery import add_module, copy_meta, readable
 
 __all__ = ["Site", "find_sites", "SiteOption", "SubstituteResult", "substitute", "build_student", "TEACHER",
-           "SVD_RANKS"]
+           "SVD_RANKS", "SCORES", "replace_one_scores"]
 
 TEACHER = "teacher"
 SVD_RANKS = (25, 50)      # percent of full rank of each of the teacher's convs
+SCORES = ("distill", "replace_one")
 
 
 # ---------------------------------------------------------------- sites
@@ -179,7 +188,11 @@ def _low_rank_teacher(block: GraphModule, percent: int) -> nn.Module | None:
 
 @dataclass
 class SiteOption:
-    """One candidate at one site: its score (distillation loss; 0 for the teacher) and priced latency."""
+    """One candidate at one site: its score (0 for the teacher) and priced latency.
+
+    ``score`` is the one the result selects by (``SubstituteResult.score_kind``);
+    ``distill_loss`` and ``replace_one`` (None where not computed) are both kept.
+    """
     site: str
     candidate: str
     score: float
@@ -187,6 +200,19 @@ class SiteOption:
     params: int
     macs: int
     path: str = ""             # the distilled weights ("" for the teacher)
+    distill_loss: float = 0.0
+    replace_one: float | None = None
+
+    def score_of(self, kind: str) -> float:
+        """This option's score of ``kind`` (one of :data:`SCORES`)."""
+        if kind == "distill":
+            return self.distill_loss
+        if kind == "replace_one":
+            if self.replace_one is None:
+                raise PassError("replace-one scores were not computed; run substitute(..., score='replace_one') "
+                                "or with replace_one=True")
+            return self.replace_one
+        raise PassError(f"unknown score {kind!r}; choose one of {', '.join(SCORES)}")
 
 
 @dataclass
@@ -197,6 +223,8 @@ class BudgetSolution:
     total_score: float
     measured_latency_s: float | None = None
     accuracy: float | None = None
+    score_kind: str = "distill"
+    accuracy_before_finetune: float | None = None
 
 
 @dataclass
@@ -218,21 +246,27 @@ class SubstituteResult:
     solutions: list[BudgetSolution] = field(default_factory=list)
     student: GraphModule | None = None
     budget: float | None = None
+    score_kind: str = "distill"
 
-    def solve(self, budget: float, extra: Sequence = ()) -> BudgetSolution:
-        """Choose one candidate per site under ``budget`` (a fraction of the teacher's latency)."""
+    def solve(self, budget: float, extra: Sequence = (), score: str | None = None) -> BudgetSolution:
+        """Choose one candidate per site under ``budget`` (a fraction of the teacher's latency).
+
+        ``score`` (one of :data:`SCORES`) overrides the result's ``score_kind``.
+        """
+        kind = score or self.score_kind
         names = [s.name for s in self.sites]
         cands = [list(self.options[n]) for n in names]
-        scores = [[self.options[n][c].score for c in cs] for n, cs in zip(names, cands)]
+        scores = [[self.options[n][c].score_of(kind) for c in cs] for n, cs in zip(names, cands)]
         latencies = [[self.options[n][c].latency_s for c in cs] for n, cs in zip(names, cands)]
         target = budget * self.teacher_latency_s - self.fixed_latency_s
         picked = multiple_choice(scores, latencies, target, extra=extra)
         choice = {n: cs[k] for n, cs, k in zip(names, cands, picked.options)}
-        return BudgetSolution(budget, choice, self.fixed_latency_s + picked.total_latency, picked.total_score)
+        return BudgetSolution(budget, choice, self.fixed_latency_s + picked.total_latency, picked.total_score,
+                              score_kind=kind)
 
-    def for_budget(self, budget: float) -> GraphModule:
+    def for_budget(self, budget: float, score: str | None = None) -> GraphModule:
         """The student for ``budget``, built from the distilled weights, with exact passes applied."""
-        return build_student(self, self.solve(budget).choice)
+        return build_student(self, self.solve(budget, score=score).choice)
 
     def report(self, solution: BudgetSolution | None = None) -> str:
         """Per site: the teacher op, the chosen op, its predicted latency and score."""
@@ -244,19 +278,21 @@ class SubstituteResult:
         for site in self.sites:
             chosen = solution.choice[site.name]
             teacher, option = self.options[site.name][TEACHER], self.options[site.name][chosen]
+            replace_one = "" if option.replace_one is None else f"{option.replace_one:.4f}"
             rows.append([site.name, site.region.module, f"{site.shape.in_channels}->{site.shape.out_channels}"
                          f"/s{site.shape.stride}", chosen, f"{teacher.latency_s * 1e6:.1f}",
-                         f"{option.latency_s * 1e6:.1f}", f"{option.score:.4f}"])
+                         f"{option.latency_s * 1e6:.1f}", f"{option.distill_loss:.4f}", replace_one])
         return tabulate(rows, headers=["site", "teacher module", "shape", "chosen", "teacher us", "chosen us",
-                                       "score"], tablefmt="github")
+                                       "distill nMSE", "replace-one"], tablefmt="github")
 
     def pareto_table(self) -> str:
-        rows = [[f"{s.budget:.2f}", f"{s.predicted_latency_s * 1e3:.3f}",
+        rows = [[f"{s.budget:.2f}", s.score_kind, f"{s.predicted_latency_s * 1e3:.3f}",
                  "" if s.measured_latency_s is None else f"{s.measured_latency_s * 1e3:.3f}",
+                 "" if s.accuracy_before_finetune is None else f"{s.accuracy_before_finetune:.4f}",
                  "" if s.accuracy is None else f"{s.accuracy:.4f}", f"{s.total_score:.4f}",
                  sum(c != TEACHER for c in s.choice.values())] for s in self.solutions]
-        return tabulate(rows, headers=["budget", "predicted ms", "measured ms", "accuracy", "total score",
-                                       "sites replaced"], tablefmt="github")
+        return tabulate(rows, headers=["budget", "score", "predicted ms", "measured ms", "accuracy before fine-tune",
+                                       "accuracy", "total score", "sites replaced"], tablefmt="github")
 
 
 def build_student(result: SubstituteResult, choice: dict[str, str]) -> GraphModule:
@@ -289,13 +325,141 @@ def _price(module: nn.Module, input_shape: tuple[int, ...], cost_model: Any) -> 
     return float(report.latency_s), params, int(report.total.macs)
 
 
+def _weights_digest(module: nn.Module) -> str:
+    """A hash of the module's parameters and buffers: a run directory serves one teacher only."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cost_name(cost: Any, cost_model: Any) -> str:
+    return cost if isinstance(cost, str) else str(getattr(cost_model, "name", type(cost_model).__name__))
+
+
+def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], nn.Module]]], cost_model: Any,
+               cost_name: str, run_dir: Path, show_progress: bool) -> dict[str, dict[str, list]]:
+    """``{site: {candidate: [latency_s, params, macs]}}`` of every candidate, persisted in the run directory.
+
+    A site priced alone carries the runtime's fixed per-call cost (session launch, input
+    copy), which the assembled network pays once, not once per site: an identity is
+    priced at each input shape and taken off (zero for analytical models). Prices are
+    written to ``prices.json`` (per cost model) so that a resumed or sharded run uses the
+    same numbers, and so the same candidates are pruned, on every rank.
+    """
+    from tqdm.auto import tqdm
+
+    path = run_dir / "prices.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    prices: dict[str, dict[str, list]] = saved.get(cost_name, {})
+    todo = [(s, c) for s in sites for c in modules[s.name] if c not in prices.get(s.name, {})]
+    if todo:
+        overhead = {site.input_shape: _price(nn.Identity(), site.input_shape, cost_model)[0] for site in sites}
+        for site, name in tqdm(todo, desc="price candidates", disable=not show_progress, unit="op"):
+            latency, params, macs = _price(modules[site.name][name](), site.input_shape, cost_model)
+            prices.setdefault(site.name, {})[name] = [max(latency - overhead[site.input_shape], 0.0), params, macs]
+        saved[cost_name] = prices
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return prices
+
+
+# ---------------------------------------------------------------- replace-one scores
+
+def _probe(gm: GraphModule, names: Sequence[str]) -> GraphModule:
+    """A module sharing ``gm``'s weights whose output is ``(tuple of the named nodes' values, gm's output)``."""
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        graph.output((tuple(by_name[n] for n in names), output.args[0]))
+    graph.erase_node(output)
+    return GraphModule(gm, graph, "Probe")
+
+
+def _tail(gm: GraphModule, site: Site) -> tuple[GraphModule, list[str]]:
+    """The teacher after the site: ``tail(site_output, *live) == teacher output``.
+
+    ``live`` names the nodes before the site's exit whose values the rest of the graph
+    still reads (a skip connection around the site, the network input); they are passed
+    in, computed once by the teacher.
+    """
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    exit_ = site.region.exit_node(gm)
+    after = nodes[position[exit_] + 1:]
+    live: list[Node] = []
+    for node in after:
+        for arg in node.all_input_nodes:
+            if position[arg] < position[exit_] and arg.op != "get_attr" and arg not in live:
+                live.append(arg)
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {exit_: graph.placeholder("site_output")}
+    for i, node in enumerate(live):
+        env[node] = graph.placeholder(f"live_{i}")
+    for node in after:
+        for arg in node.all_input_nodes:
+            if arg not in env and arg.op == "get_attr":
+                env[arg] = graph.node_copy(arg)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return GraphModule(gm, graph, f"Tail_{site.name}"), [n.name for n in live]
+
+
+def _output_distance(student: Any, teacher: Any) -> float:
+    """KL(teacher || student) of the softmax for (N, classes) logits, normalised MSE for anything else."""
+    if isinstance(teacher, torch.Tensor) and teacher.dim() == 2:
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+        return max(float(kl), 0.0)      # KL >= 0; rounding must not make a candidate beat the teacher
+    pairs = [(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(student), torch.utils._pytree.tree_leaves(teacher))
+             if isinstance(b, torch.Tensor)]
+    return float(sum(normalized_mse(a, b) for a, b in pairs) / max(len(pairs), 1))
+
+
+@torch.no_grad()
+def replace_one_scores(teacher: GraphModule, sites: Sequence[Site], candidates: dict[str, dict[str, nn.Module]],
+                       batches: Sequence, *, show_progress: bool = True) -> dict[str, dict[str, float]]:
+    """LANA's replace-one score of every distilled candidate: how far the teacher's output moves
+    with only that site swapped for it (mean over ``batches``; see :func:`_output_distance`).
+
+    ``candidates[site][name]`` are the distilled modules. The teacher runs once per batch;
+    each candidate then runs only its site and the rest of the network after it.
+    """
+    from tqdm.auto import tqdm
+
+    inputs = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]
+    scores: dict[str, dict[str, float]] = {}
+    total = sum(len(c) for c in candidates.values())
+    with tqdm(total=total, desc="replace-one scores", disable=not show_progress, unit="op") as progress:
+        for site in sites:
+            if not candidates.get(site.name):
+                continue
+            tail, live = _tail(teacher, site)
+            probe = _probe(teacher, [site.region.entry, *live])
+            seen = [probe(x) for x in inputs]
+            scores[site.name] = {}
+            for name, module in candidates[site.name].items():
+                module.eval()
+                distances = [_output_distance(tail(module(values[0]), *values[1:]), out) for values, out in seen]
+                scores[site.name][name] = sum(distances) / len(distances)
+                progress.update(1)
+    return scores
+
+
 # ---------------------------------------------------------------- the whole flow
 
 def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, budget: float = 0.5,
                budgets: Sequence[float] = (), cost: Any = "roofline:cpu", candidates: Sequence[str] | None = None,
-               sites: Sequence[str] | None = None, run_dir: str | os.PathLike = "hant-substitute",
-               steps: int = 200, lr: float = 3e-3, calibration_batches: int = 8,
+               activations: Sequence[str] | None = None, select: Sequence[str] | None = None,
+               sites: Sequence[str] | None = None,
+               run_dir: str | os.PathLike = "hant-substitute", steps: int = 200, lr: float = 3e-3,
+               calibration_batches: int | None = 8, prune_dominated: bool = True, prune_above: float = 1.0,
+               score: str = "distill",
+               replace_one: bool = False, score_batches: Sequence | None = None,
                finetune_epochs: int = 0, finetune_lr: float = 1e-3, finetune_steps: int | None = None,
+               finetune_loader: Iterable | None = None, finetune_alpha: float = 0.9,
                evaluate: Callable[[nn.Module], float] | None = None, measure: Any = None,
                show_progress: bool = True) -> SubstituteResult | None:
     """Replace the teacher's slow blocks with distilled, faster candidates under a latency budget.
@@ -303,14 +467,34 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     ``budget`` and every entry of ``budgets`` are fractions of the teacher's latency under
     ``cost``; all are solved from one distillation (``result.solutions``, ``pareto_table()``)
     and ``result.student`` is the student for ``budget``. ``candidates`` names candidate
-    families (:data:`hant.passes.candidates.FAMILIES`, plus ``"svd"``); None means all.
+    families (:data:`hant.passes.candidates.FAMILIES`, plus ``"svd"``); None means all;
+    ``activations`` restricts their activation choice (e.g. ``["relu"]``) and ``select``
+    (shell-style patterns such as ``"ir_k[35]_e[12]_*"``) keeps only the candidates whose
+    name matches one of them, to fit the distillation into the time at hand.
+    ``prune_dominated`` skips training candidates priced no faster than the teacher's own
+    block at their site (the ILP could never pick them under a latency budget);
+    ``prune_above < 1`` also skips those priced at or above that fraction of the teacher's
+    block (they can save little), to spend the distillation time on the rest.
+
     ``loader`` yields calibration batches (tensors or ``(input, label)``); the first
-    ``calibration_batches`` are captured. ``run_dir`` persists every finished job; a rerun
-    resumes. Under ``torchrun`` the jobs are split across ranks; ranks other than 0 return
-    None after the distillation. ``evaluate(module) -> accuracy`` and ``measure`` (a cost
-    model spec that times real runs, e.g. ``"measured:cpu-onnxruntime"``) put the students'
-    accuracy and measured latency next to the prediction. The teacher is never modified.
+    ``calibration_batches`` (None: all) are captured. ``score`` is what the integer program
+    minimises: ``"distill"`` (the final normalised MSE of each site) or ``"replace_one"``
+    (LANA: how far the teacher's output moves with only that site swapped, measured on
+    ``score_batches``, default the calibration batches); ``replace_one=True`` computes the
+    latter even when selecting by the former, so both can be compared
+    (``result.solve(b, score=...)``). ``run_dir`` persists prices and every finished job;
+    a rerun resumes. Under ``torchrun`` the jobs are split across ranks; ranks other than 0
+    return None after the distillation.
+
+    ``finetune_epochs > 0`` fine-tunes every solved budget's student (all but the teacher
+    itself) with knowledge distillation from the teacher on ``finetune_loader`` (default
+    ``loader``), mixing in the labels' cross-entropy with weight ``1 - finetune_alpha``.
+    ``evaluate(module) -> accuracy`` and ``measure`` (a cost model spec that times real
+    runs, e.g. ``"measured:cpu-onnxruntime"``) put the students' accuracy and measured
+    latency next to the prediction. The teacher is never modified.
     """
+    if score not in SCORES:
+        raise PassError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     inputs = as_input_tuple(example_inputs)
     cost_model = get_cost_model(cost)
     gm = trace(teacher.eval() if not teacher.training else copy.deepcopy(teacher).eval(), inputs)
@@ -322,55 +506,84 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     use_svd = families is None or "svd" in families
     if families is not None:
         families = [f for f in families if f != "svd"]
+    acts = list(activations) if activations is not None else None
 
     modules: dict[str, dict[str, Callable[[], nn.Module]]] = {}
     for site in chosen_sites:
         block = site.region.extract(gm)
-        table = dict(candidates_for(site.shape, families)) if families != [] else {}
+        table = dict(candidates_for(site.shape, families, activations=acts)) if families != [] else {}
         if use_svd:
             for percent in SVD_RANKS:
                 low_rank = _low_rank_teacher(block, percent)
                 if low_rank is not None:
                     table[f"svd_r{percent}"] = (lambda m=low_rank: copy.deepcopy(m))
+        if select is not None:
+            table = {c: f for c, f in table.items() if any(fnmatch.fnmatchcase(c, p) for p in select)}
         modules[site.name] = table
         modules[site.name][TEACHER] = (lambda b=block: copy.deepcopy(b))
 
     run_dir = Path(run_dir)
     config = DistillConfig(steps=steps, lr=lr)
     ctx = distributed_context()
+    cost_name = _cost_name(cost, cost_model)
     if ctx.rank == 0:
-        write_manifest(run_dir, {"sites": [s.name for s in chosen_sites], "steps": steps, "lr": lr,
+        write_manifest(run_dir, {"teacher": _weights_digest(gm), "sites": [s.name for s in chosen_sites],
+                                 "steps": steps, "lr": lr,
                                  "calibration_batches": calibration_batches,
                                  "candidates": {s: sorted(m) for s, m in modules.items()}})
-    batches = [b for _, b in zip(range(calibration_batches), loader)]
+        prices = _price_all(chosen_sites, modules, cost_model, cost_name, run_dir, show_progress)
+    if ctx.world > 1:      # every rank prunes by rank 0's prices, so all agree on the job list
+        dist.barrier()
+        prices = json.loads((run_dir / "prices.json").read_text())[cost_name]
+
+    trainable: dict[str, dict[str, Callable[[], nn.Module]]] = {}
+    for site in chosen_sites:
+        teacher_latency = prices[site.name][TEACHER][0]
+        limit = teacher_latency * (min(prune_above, 1.0) if prune_dominated else prune_above)
+        trainable[site.name] = {c: f for c, f in modules[site.name].items()
+                                if c != TEACHER and not ((prune_dominated or prune_above < 1.0)
+                                                         and prices[site.name][c][0] >= limit)}
+
+    batches = [b for _, b in zip(range(calibration_batches), loader)] if calibration_batches is not None \
+        else list(loader)
     captures = capture_sites(_observer(gm, chosen_sites), batches, [s.name for s in chosen_sites])
-    trainable = {s: {c: f for c, f in m.items() if c != TEACHER} for s, m in modules.items()}
     distill_jobs(captures, trainable, config, run_dir, rank=ctx.rank, world=ctx.world, show_progress=show_progress)
+    del captures
     if ctx.world > 1:
         dist.barrier()
         if ctx.rank != 0:
             return None
-    scores = collect_results(run_dir, {s: list(m) for s, m in trainable.items()})
+    results = collect_results(run_dir, {s: list(m) for s, m in trainable.items()})
+
+    replace_one_by: dict[str, dict[str, float]] | None = None
+    if score == "replace_one" or replace_one:
+        distilled = {}
+        for site in chosen_sites:
+            distilled[site.name] = {}
+            for name, factory in trainable[site.name].items():
+                module = factory()
+                module.load_state_dict(torch.load(results[site.name][name].path, map_location="cpu",
+                                                  weights_only=True)["state_dict"])
+                distilled[site.name][name] = module
+        replace_one_by = replace_one_scores(gm, chosen_sites, distilled,
+                                            list(score_batches) if score_batches is not None else batches,
+                                            show_progress=show_progress)
 
     options: dict[str, dict[str, SiteOption]] = {}
     teacher_sites = 0.0
-    # A site priced alone carries the runtime's fixed per-call cost (session launch, input
-    # copy), which the assembled network pays once, not once per site: price an identity
-    # at each input shape and take it off (zero for analytical models).
-    call_overhead = {site.input_shape: _price(nn.Identity(), site.input_shape, cost_model)[0]
-                     for site in chosen_sites}
     for site in chosen_sites:
         options[site.name] = {}
-        for name, factory in modules[site.name].items():
-            module = factory()
-            if name != TEACHER:
-                module.load_state_dict(torch.load(scores[site.name][name].path, map_location="cpu",
-                                                  weights_only=True)["state_dict"])
-            latency, params, macs = _price(module, site.input_shape, cost_model)
-            latency = max(latency - call_overhead[site.input_shape], 0.0)
-            score = 0.0 if name == TEACHER else scores[site.name][name].loss
-            path = "" if name == TEACHER else scores[site.name][name].path
-            options[site.name][name] = SiteOption(site.name, name, score, latency, params, macs, path)
+        for name in [TEACHER, *trainable[site.name]]:
+            latency, params, macs = prices[site.name][name]
+            if name == TEACHER:
+                option = SiteOption(site.name, name, 0.0, latency, params, macs, "", 0.0,
+                                    None if replace_one_by is None else 0.0)
+            else:
+                job = results[site.name][name]
+                option = SiteOption(site.name, name, 0.0, latency, params, macs, job.path, job.loss,
+                                    None if replace_one_by is None else replace_one_by[site.name][name])
+            option.score = option.score_of(score)
+            options[site.name][name] = option
         teacher_sites += options[site.name][TEACHER].latency_s
     deployed_teacher = PassManager("exact", cost=None, check=None)(gm).graph_module
     whole_teacher = float(cost_model.graph_cost(deployed_teacher).latency_s)
@@ -379,15 +592,19 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     # that a budget of 1.0 always admits the teacher itself
     teacher_latency = fixed + teacher_sites
 
-    result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model)
+    result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model,
+                              score_kind=score)
     timer = get_cost_model(measure) if measure is not None else None
     students = {}
     for b in sorted(set(budgets) | {budget}):
         solution = result.solve(b)
         students[b] = build_student(result, solution.choice)
-        if b == budget and finetune_epochs > 0:
-            finetune(students[b], gm, loader, epochs=finetune_epochs, lr=finetune_lr, max_steps=finetune_steps,
-                     checkpoint_dir=run_dir / f"finetune_b{budget:.2f}", progress=show_progress)
+        if finetune_epochs > 0 and any(c != TEACHER for c in solution.choice.values()):
+            if evaluate is not None:
+                solution.accuracy_before_finetune = float(evaluate(students[b]))
+            finetune(students[b], gm, finetune_loader if finetune_loader is not None else loader,
+                     epochs=finetune_epochs, lr=finetune_lr, max_steps=finetune_steps, alpha=finetune_alpha,
+                     checkpoint_dir=run_dir / f"finetune_b{b:.2f}_{score}", progress=show_progress)
         if evaluate is not None:
             solution.accuracy = float(evaluate(students[b]))
         if timer is not None:

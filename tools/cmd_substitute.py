@@ -39,10 +39,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "'none' to skip")
     parser.add_argument("--candidates", metavar="FAMILY,...",
                         help="candidate families (identity, conv, dws, ir, fmb, resnet, svd); default all")
+    parser.add_argument("--activations", metavar="ACT,...",
+                        help="activation choices of the candidates (relu, hswish, silu); default all")
+    parser.add_argument("--select", metavar="PATTERN,...",
+                        help="keep only candidates whose name matches one of these shell patterns, e.g. "
+                             "'identity,conv_k1_*,ir_k3_e[12]_relu'")
+    parser.add_argument("--score", choices=["distill", "replace_one"], default="distill",
+                        help="what the integer program minimises: the distillation loss per site, or LANA's "
+                             "replace-one score (how far the teacher's output moves with only that site swapped)")
+    parser.add_argument("--keep-dominated", action="store_true",
+                        help="also distil candidates priced no faster than the teacher's block (never chosen "
+                             "under a latency budget; skipped by default)")
     parser.add_argument("--sites", metavar="MODULE,...", help="module paths to substitute (default: natural blocks)")
     parser.add_argument("--steps", type=int, default=200, help="distillation steps per candidate (default 200)")
-    parser.add_argument("--calibration-batches", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=3e-3, help="distillation learning rate (AdamW, cosine)")
+    parser.add_argument("--calibration-batches", type=int, default=8, help="batches captured from --data; 0: all")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="fine-tune every budget's student this many epochs with KD from the teacher")
     parser.add_argument("--run-dir", default="hant-substitute", help="where finished jobs persist")
     parser.add_argument("--out", help="write the student: .onnx, .pt or .pt2")
     parser.add_argument("--plot", help="write a PNG of predicted latency against accuracy for every budget")
@@ -56,13 +69,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise InputError("--steps must be at least 1")
+    if args.calibration_batches < 0 or args.finetune_epochs < 0:
+        raise InputError("--calibration-batches and --finetune-epochs must not be negative")
     loaded, inputs = model_and_inputs(args)
     task = load_task(args.data)
     result = substitute(
         loaded.module, inputs, task.train, budget=args.budgets[0], budgets=args.budgets, cost=args.cost,
         candidates=args.candidates.split(",") if args.candidates else None,
-        sites=args.sites.split(",") if args.sites else None, run_dir=args.run_dir, steps=args.steps,
-        calibration_batches=args.calibration_batches, finetune_epochs=args.finetune_epochs,
+        activations=args.activations.split(",") if args.activations else None,
+        select=args.select.split(",") if args.select else None, score=args.score,
+        prune_dominated=not args.keep_dominated,
+        sites=args.sites.split(",") if args.sites else None, run_dir=args.run_dir, steps=args.steps, lr=args.lr,
+        calibration_batches=args.calibration_batches or None, finetune_epochs=args.finetune_epochs,
         evaluate=task.evaluate, measure=None if args.measure == "none" else args.measure)
     if result is None:     # a torchrun rank other than 0: its share is done
         return 0

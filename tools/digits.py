@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from hant.errors import InputError
 
-__all__ = ["DigitsData", "load_data", "loaders", "TrainConfig", "TEACHERS", "build_teacher", "teacher",
+__all__ = ["DigitsData", "load_data", "loaders", "ShiftedDigits", "TrainConfig", "TEACHERS", "build_teacher", "teacher",
            "train", "evaluate", "cache_dir", "DigitsMobileNetV2", "DigitsResNet", "INPUT_SHAPE", "NUM_CLASSES"]
 
 INPUT_SHAPE = (1, 1, 32, 32)
@@ -79,11 +79,34 @@ def load_data(*, size: int = 32, seed: int = 0, test_fraction: float = 0.2) -> D
     return data
 
 
-def loaders(batch_size: int = 64, *, seed: int = 0, data: DigitsData | None = None) -> tuple[DataLoader, DataLoader]:
-    """``(train_loader, test_loader)``: the training loader shuffles with a seeded generator."""
+class ShiftedDigits(torch.utils.data.Dataset):
+    """Training images, each translated by a random whole number of pixels in ``[-shift, shift]``
+    per axis every time it is read (edges replicated). The shifts come from torch's global
+    random-number generator, so seeding torch (and restoring its state) reproduces them."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, shift: int):
+        self.padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+        self.y, self.shift, self.size = y, shift, x.shape[-2:]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dy, dx = (torch.randint(0, 2 * self.shift + 1, (2,))).tolist()
+        return self.padded[i, :, dy:dy + self.size[0], dx:dx + self.size[1]], self.y[i]
+
+
+def loaders(batch_size: int = 64, *, seed: int = 0, data: DigitsData | None = None,
+            shift: int = 0) -> tuple[DataLoader, DataLoader]:
+    """``(train_loader, test_loader)``: the training loader shuffles with a seeded generator.
+
+    ``shift > 0`` augments the training images with random translations of up to ``shift``
+    pixels (:class:`ShiftedDigits`); the test loader is never augmented.
+    """
     data = data or load_data()
-    train = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    dataset = ShiftedDigits(data.train_x, data.train_y, shift) if shift > 0 else TensorDataset(data.train_x,
+                                                                                                data.train_y)
+    train = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     test = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=256, shuffle=False)
     return train, test
 

@@ -16,7 +16,9 @@ import hant
 from hant.errors import PassError
 from hant.passes.candidates import SiteShape, candidates_for
 from hant.passes.site_distill import DistillConfig, capture_sites, collect_results, distill_jobs
-from hant.passes.substitute import TEACHER, _observer, build_student, find_sites, substitute
+from hant.passes.substitute import (
+    TEACHER, _observer, _probe, _tail, build_student, find_sites, replace_one_scores, substitute,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +55,16 @@ def test_every_candidate_builds_and_matches_the_site_shape(shape):
     for name, factory in table.items():
         y = factory().eval()(x)
         assert y.shape == (2, shape.out_channels, 16 // shape.stride, 16 // shape.stride), name
+
+
+def test_activation_filter_keeps_unsuffixed_candidates():
+    shape = SiteShape(16, 16, 1)
+    relu = candidates_for(shape, ["identity", "conv", "ir"], activations=["relu"])
+    assert "identity" in relu and "conv_k3_relu" in relu and "ir_k5_e4_se_relu" in relu
+    assert not any(name.endswith(("_hswish", "_silu")) for name in relu)
+    assert len(candidates_for(shape, ["conv"])) == 3 * len(candidates_for(shape, ["conv"], activations=["relu"]))
+    with pytest.raises(PassError, match="unknown activations"):
+        candidates_for(shape, ["conv"], activations=["gelu"])
 
 
 def test_identity_only_where_shapes_allow():
@@ -128,7 +140,7 @@ _WORKER = textwrap.dedent("""
     from hant.passes.substitute import substitute
     torch.manual_seed(0)
     teacher = TinyNet().eval()
-    result = substitute(teacher, torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost="flops",
+    result = substitute(teacher, torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost="roofline:cpu",
                         candidates=["identity", "conv"], run_dir=sys.argv[1], steps=5, show_progress=False)
     if result is not None:
         scores = {s: {c: o.score for c, o in opts.items()} for s, opts in result.options.items()}
@@ -153,7 +165,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
         for cand in one[site]:
             assert one[site][cand] == pytest.approx(two[site][cand], rel=1e-5, abs=1e-9)
     # both ranks wrote jobs: the split really happened
-    assert len(list((tmp_path / "two" / "jobs").rglob("*.pt"))) == len(list((tmp_path / "one" / "jobs").rglob("*.pt")))
+    jobs = len(list((tmp_path / "one" / "jobs").rglob("*.pt")))
+    assert jobs > 1 and len(list((tmp_path / "two" / "jobs").rglob("*.pt"))) == jobs
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +247,30 @@ def test_student_uses_distilled_weights(tiny_result):
 
 def test_consecutive_sites_can_all_be_replaced(tiny_result):
     # the block's entry is the stem's exit: replacing both must chain the new modules
-    choice = {s.name: "conv_k3_relu" for s in tiny_result.sites}
+    choice = {site: min((c for c in opts if c.startswith("conv_")), key=lambda c: opts[c].latency_s)
+              for site, opts in tiny_result.options.items()}
     student = build_student(tiny_result, choice)
     modules = [n.target for n in student.graph.nodes if n.op == "call_module"]
-    assert len([m for m in modules if "conv_k3_relu" in m or "conv" in m]) >= 2
+    assert len([m for m in modules if "conv" in m]) >= 2
     x = _batches(1, seed=3)[0]
     assert student(x).shape == (8, 10)
     assert _MacsAsLatency().graph_cost(student).latency_s == pytest.approx(
         tiny_result.fixed_latency_s + sum(tiny_result.options[s][c].latency_s for s, c in choice.items()), rel=0.02)
+
+
+def test_dominated_candidates_are_never_trained(tiny_result, tmp_path):
+    # a candidate priced no faster than the teacher's block could never be chosen: it is not distilled
+    for site, opts in tiny_result.options.items():
+        teacher = opts[TEACHER].latency_s
+        assert all(o.latency_s < teacher for c, o in opts.items() if c != TEACHER)
+        trained = {p.stem for p in (Path(opts[TEACHER].path or next(o.path for o in opts.values() if o.path))
+                                    .parent).glob("*.pt")}
+        assert trained == set(opts) - {TEACHER}
+    # the tiny stem's 3x3 conv is the teacher's own shape: dominated, so pruned
+    assert "conv_k3_relu" not in tiny_result.options["stem"]
+    kept = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost="flops_latency_test",
+                      candidates=["conv"], run_dir=tmp_path, steps=2, prune_dominated=False, show_progress=False)
+    assert "conv_k3_relu" in kept.options["stem"]
 
 
 def test_infeasible_budget_says_what_to_do(tiny_result):
@@ -265,7 +294,8 @@ def test_digits_end_to_end(tmp_path):
     teacher = digits.teacher(config=digits.TrainConfig(arch="mobilenet", epochs=2, batch_size=128), progress=False)
     train, test = digits.loaders(64)
     result = substitute(teacher, torch.randn(1, 1, 32, 32), train, budget=0.6, budgets=[1.0],
-                        cost="roofline:cpu", candidates=["identity", "conv", "dws"], run_dir=tmp_path,
+                        cost="roofline:cpu", candidates=["identity", "conv", "dws"], activations=["relu"],
+                        run_dir=tmp_path,
                         steps=20, calibration_batches=3, finetune_epochs=1, finetune_steps=5, show_progress=False,
                         evaluate=lambda m: digits.evaluate(m, test))
     best = next(s for s in result.solutions if s.budget == 1.0)
@@ -273,3 +303,88 @@ def test_digits_end_to_end(tmp_path):
     main = next(s for s in result.solutions if s.budget == 0.6)
     assert main.predicted_latency_s <= 0.6 * result.teacher_latency_s * (1 + 1e-9)
     assert 0.0 <= main.accuracy <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "tiny"])
+def test_tail_after_a_site_reproduces_the_teacher(arch):
+    # the rest of the network after a site, fed the site's output and the live values
+    # around it (skip connections), gives the teacher's output
+    if arch == "tiny":
+        model, x = _tiny(), _batches(1)[0]
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        from tests.helpers import randomize_bn
+        model, x = randomize_bn(torchvision.models.resnet18(), 0).eval(), torch.randn(2, 3, 32, 32)
+    gm = hant.trace(model, x[:1])
+    with torch.no_grad():
+        expected = gm(x)
+        for site in find_sites(gm):
+            tail, live = _tail(gm, site)
+            (values, out) = _probe(gm, [site.region.exit, *live])(x)
+            torch.testing.assert_close(out, expected)
+            torch.testing.assert_close(tail(*values), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_replace_one_scores_the_teacher_block_zero_and_a_bad_one_high():
+    gm = hant.trace(_tiny(), torch.randn(1, 1, 12, 12))
+    sites = find_sites(gm)
+    block = sites[1].region.extract(gm)
+    zero = nn.Conv2d(8, 16, 3, 2, 1)
+    nn.init.zeros_(zero.weight)
+    scores = replace_one_scores(gm, sites, {sites[1].name: {"teacher_copy": block, "zero": zero}}, _batches(),
+                                show_progress=False)
+    assert scores[sites[1].name]["teacher_copy"] == pytest.approx(0.0, abs=1e-6)
+    # the same as swapping the block in the network itself and comparing softmaxes
+    swapped = _tiny()
+    swapped.block = zero
+    with torch.no_grad():
+        expected = [nn.functional.kl_div(swapped(x).log_softmax(-1), _tiny()(x).log_softmax(-1), log_target=True,
+                                         reduction="batchmean").item() for x in _batches()]
+    assert scores[sites[1].name]["zero"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert scores[sites[1].name]["zero"] > 1e-4
+    assert sites[0].name not in scores
+
+
+def test_selection_by_replace_one_score(tmp_path):
+    result = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=0.5, budgets=[1.0],
+                        cost="flops_latency_test", candidates=["identity", "conv", "dws"], activations=["relu"],
+                        select=["conv_*", "dws_k3_*"], run_dir=tmp_path, steps=5, score="replace_one",
+                        show_progress=False)
+    for opts in result.options.values():
+        assert set(opts) - {TEACHER} <= {"conv_k1_relu", "conv_k3_relu", "conv_k5_relu", "dws_k3_relu"}
+        assert opts[TEACHER].replace_one == 0.0
+        assert all(o.score == o.replace_one and o.replace_one >= 0 for o in opts.values())
+    solution = next(s for s in result.solutions if s.budget == 0.5)
+    assert solution.score_kind == "replace_one"
+    assert solution.total_score == pytest.approx(sum(result.options[s][c].replace_one
+                                                     for s, c in solution.choice.items()))
+    # the same distillation, selected by the other score
+    by_distill = result.solve(0.5, score="distill")
+    assert by_distill.total_score == pytest.approx(sum(result.options[s][c].distill_loss
+                                                       for s, c in by_distill.choice.items()))
+    with pytest.raises(PassError, match="unknown score"):
+        result.solve(0.5, score="accuracy")
+
+
+def test_every_budget_is_fine_tuned_but_the_teacher(tmp_path):
+    x = _batches(1, seed=9)[0]
+    with torch.no_grad():
+        reference = _tiny()(x)
+
+    def closeness(module):
+        with torch.no_grad():
+            return -float((module(x) - reference).pow(2).mean())
+
+    result = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=0.5, budgets=[0.8, 1.0],
+                        cost="flops_latency_test", candidates=["identity", "conv"], run_dir=tmp_path, steps=3,
+                        finetune_epochs=1, finetune_steps=2, finetune_alpha=1.0, evaluate=closeness,
+                        show_progress=False)
+    for solution in result.solutions:
+        replaced = any(c != TEACHER for c in solution.choice.values())
+        assert (tmp_path / f"finetune_b{solution.budget:.2f}_distill" / "finetune.pt").exists() == replaced
+        assert (solution.accuracy_before_finetune is not None) == replaced
+    # prices are kept for every candidate, pruned or not, so a rerun prices nothing again
+    import json
+    prices = json.loads((tmp_path / "prices.json").read_text())["flops_latency_test"]
+    assert set(prices["stem"]) == {TEACHER, "identity", *candidates_for(result.sites[0].shape, ["conv"])} - \
+        ({"identity"} if not result.sites[0].shape.keeps_shape else set())

@@ -93,3 +93,22 @@ def test_cli_linearize_runs_and_writes_the_student(cache, tmp_path, monkeypatch,
     assert out.exists() and "| unit" in report.read_text()
     student = torch.load(out, weights_only=False)
     assert student(digits.load_data().test_x[:2]).shape == (2, 10)
+
+
+def test_shifted_training_images_are_translations_and_reproducible():
+    data = digits.load_data()
+    torch.manual_seed(3)
+    train, test = digits.loaders(16, shift=2)
+    x, y = next(iter(train))
+    torch.manual_seed(3)
+    x2, y2 = next(iter(digits.loaders(16, shift=2)[0]))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == (16, 1, 32, 32)
+    # every image is some training image shifted by at most 2 pixels (edges replicated)
+    padded = torch.nn.functional.pad(data.train_x, (2, 2, 2, 2), mode="replicate")
+    for image, label in zip(x[:4], y[:4]):
+        found = any(torch.equal(image, padded[i, :, dy:dy + 32, dx:dx + 32])
+                    for i in torch.nonzero(data.train_y == label).flatten().tolist()
+                    for dy in range(5) for dx in range(5))
+        assert found
+    assert torch.equal(next(iter(test))[0], digits.loaders(16)[1].dataset.tensors[0][:256])
