@@ -31,9 +31,10 @@ __all__ = ["Selection", "Choice", "ExtraConstraint", "max_gain_under_budget", "m
 
 _OPTIONS = {"mip_rel_gap": 0.0, "presolve": True}
 _SLACK = 1e-9        # relative slack on budgets, so a total that equals the budget is accepted
-# HiGHS accepts a constraint violated by up to its primal feasibility tolerance (absolute);
+# HiGHS accepts an integer solution whose constraints are violated by up to its MIP
+# feasibility tolerance (absolute, 1e-6 by default; scipy's ``milp`` does not expose it):
 # every budget and saving below holds up to this much.
-FEASIBILITY_TOL = 1e-7
+FEASIBILITY_TOL = 1e-6
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,25 @@ def test_min_importance_matches_brute_force(seed, n, fraction):
     feasible = [s for s in _subsets(n) if _exclusive_ok(s, exclusive) and all(gains[i] > 0 for i in s)]
     reachable = max(sum(gains[list(s)]) for s in feasible)
     saving = fraction * reachable
-    if saving > reachable + 1e-9:
+    if saving > reachable + FEASIBILITY_TOL:
         with pytest.raises(PassError, match="Relax the latency target"):
             min_importance_for_saving(gains, imps, saving, exclusive=exclusive)
         return
-    sel = min_importance_for_saving(gains, imps, saving, exclusive=exclusive)
+    try:
+        sel = min_importance_for_saving(gains, imps, saving, exclusive=exclusive)
+    except PassError:
+        # Within the solver's tolerance of unreachable, refusing is as correct as accepting.
+        assert saving > reachable
+        return
     assert sel.total_gain >= saving - FEASIBILITY_TOL
     assert _exclusive_ok(sel.chosen, exclusive)
-    best = min(sum(imps[list(s)]) for s in feasible if sum(gains[list(s)]) >= saving - FEASIBILITY_TOL)
-    assert sel.total_importance == pytest.approx(best, abs=1e-9)
+    # The optimum lies between the best selection that meets the saving up to the solver's
+    # tolerance and the best that meets it strictly (when one does).
+    best_tolerant = min(sum(imps[list(s)]) for s in feasible if sum(gains[list(s)]) >= saving - FEASIBILITY_TOL)
+    strict = [sum(imps[list(s)]) for s in feasible if sum(gains[list(s)]) >= saving]
+    assert sel.total_importance >= best_tolerant - 1e-9
+    if strict:
+        assert sel.total_importance <= min(strict) + 1e-9
 
 
 def test_unreachable_saving_names_the_best_reachable():
