@@ -163,7 +163,8 @@ def _key_values(key: RuntimeKey) -> tuple:
 
 
 def _spread_values(spread: Spread) -> tuple:
-    return spread.iqr_s, spread.min_s, spread.p90_s, spread.n, spread.rel_ci
+    """Plain Python numbers (numpy scalars would be stored as blobs)."""
+    return float(spread.iqr_s), float(spread.min_s), float(spread.p90_s), int(spread.n), float(spread.rel_ci)
 
 
 def _spread(row: sqlite3.Row) -> Spread:

@@ -28,7 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "the share within ±10%%, Kendall tau and Spearman rho on them.",
     )
     parser.add_argument("db", nargs="?", help="latency store from `hant profile` (SQLite file)")
-    parser.add_argument("--model", choices=("gnn", "perop"), default="gnn", help="predictor kind (default gnn)")
+    parser.add_argument("--model", choices=("gnn", "perop", "kernel"), default="gnn",
+                        help="predictor kind (default gnn); kernel: store only, needs kernels timed alone "
+                             "(`hant profile --kernels K`)")
     parser.add_argument("--out", required=True, metavar="PATH", help="where to save the predictor file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
     parser.add_argument("--holdout", type=float, default=0.2, help="store: share of networks held out (default 0.2)")
@@ -40,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--builder", default="nb201", help="table: network family of the architecture column "
                                                            "(default nb201)")
     parser.add_argument("--train-size", type=int, default=900, metavar="N",
-                        help="table: rows to train on; the rest are held out (default 900)")
+                        help="table: rows to train on, a tenth of them (from 50 rows on) kept for early "
+                             "stopping; the rest are held out and scored (default 900)")
     parser.add_argument("--fusion", choices=("fused", "eager"),
                         help="perop: kernel fusion of the target runtime (default fused)")
     parser.set_defaults(func=run)
@@ -55,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if args.table is not None:
         if args.db is not None:
             raise CostModelError("give either a latency store or --table, not both")
+        if args.model == "kernel":
+            raise CostModelError("--model kernel learns from kernels timed alone in a latency store; give "
+                                 "the store (hant fit data.db --model kernel), not --table")
         if not args.target:
             raise CostModelError("--table needs --target COLUMN, the device column to learn")
         table = data_path() if args.table == "nb201" else args.table
         result = fit_table(table, args.target, builder=args.builder, train_size=args.train_size, seed=args.seed,
                            out=args.out, model=args.model, config=config)
-        print(f"{args.target}: {args.model} trained on {args.train_size} rows in {result.fit_seconds:.1f} s")
+        print(f"{args.target}: {args.model} trained on {args.train_size} rows ({len(result.validation_rows)} of them "
+              f"only for early stopping) in {result.fit_seconds:.1f} s")
     else:
         if args.db is None:
             raise CostModelError("give a latency store (hant fit data.db ...) or --table FILE --target COLUMN")

@@ -1,8 +1,11 @@
 """``hant profile``: measure random networks from the network space into a latency store.
 
     hant profile --runtime onnxruntime --n 2000 --out data.db [--threads N] [--seed S] [--no-nodes]
+                 [--kernels K]
 
-Resumable: running the same command again skips the networks already stored.
+``--kernels K`` also times K random kernels alone (fused conv+BN+act, depthwise, linear, pools, ...;
+see :mod:`hant.cost_models.learned.kernels`), what ``hant fit --model kernel`` learns from.
+Resumable: running the same command again skips the networks and kernels already stored.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="network space: default (96..320 px) or tiny (smoke tests)")
     parser.add_argument("--no-nodes", dest="nodes", action="store_false",
                         help="time networks whole only, not each op alone")
+    parser.add_argument("--kernels", type=int, default=0, metavar="K",
+                        help="also time K random kernels alone, for `hant fit --model kernel` (default 0)")
     parser.set_defaults(func=run)
     return parser
 
@@ -46,4 +51,10 @@ def run(args: argparse.Namespace) -> int:
                       measure_nodes=args.nodes, space=args.space, device=device)
     print(f"profiled {summary.measured} networks, {summary.skipped} already stored, "
           f"{summary.total} in all, into {summary.store} ({summary.runtime})")
+    if args.kernels > 0:
+        from hant.cost_models.learned.kernels import profile_kernels, sampled_kernels
+
+        measured, skipped = profile_kernels(sampled_kernels(args.kernels, args.seed), summary.store, runtime=runtime,
+                                            threads=args.threads, device=device)
+        print(f"timed {measured} kernels alone, {skipped} already stored, into {summary.store}")
     return 0

@@ -111,17 +111,22 @@ def local_features(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[N
     """Per-node rows without the derived columns, the producer indices of each row, and the nodes.
 
     Needs ``tensor_meta`` on the nodes (``hant.trace`` fills it); raises :class:`CostModelError`
-    otherwise.
+    for a graph that was not traced. In a traced graph, nodes that produce no tensor (sizes, tuples
+    of chunks, guards) have no ``tensor_meta`` and become free ``shape`` rows (no MACs, bytes or params).
     """
     counter = _counter()
     nodes = [n for n in gm.graph.nodes if n.op not in _SKIPPED]
     index = {n: i for i, n in enumerate(nodes)}
     x = np.zeros((len(nodes), len(FEATURE_NAMES)), dtype=np.float32)
     producers: list[list[int]] = []
+    traced = any(tensor_meta(n) is not None for n in nodes)
     for i, node in enumerate(nodes):
-        if node.op != "placeholder" and tensor_meta(node) is None:
+        symbolic = node.op != "placeholder" and tensor_meta(node) is None
+        if symbolic and not traced:
             raise CostModelError(f"node {node.name!r} has no shape; trace the model with hant.trace first")
-        kind = op_kind(node)
+        # A node without tensor_meta in a traced graph computes no tensor (x.size(), a tuple of chunks,
+        # an input guard): a free shape op.
+        kind = "shape" if symbolic else op_kind(node)
         kind = kind if kind in KINDS else "other"
         row = x[i]
         row[_COL[f"kind_{kind}"]] = 1.0
@@ -136,7 +141,7 @@ def local_features(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[N
         row[_COL["n_inputs"]] = len(inputs)
         if inputs and output_shape(inputs[0]) is not None and len(output_shape(inputs[0])) >= 2:
             row[_COL["log_in_channels"]] = _log(output_shape(inputs[0])[1])
-        if node.op != "placeholder":
+        if node.op != "placeholder" and not symbolic:
             macs, nbytes, params = _work(node, kind, counter)
             row[_COL["log_macs"]] = _log(macs)
             row[_COL["log_bytes"]] = _log(nbytes)

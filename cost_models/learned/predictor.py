@@ -5,7 +5,9 @@ A predictor file (``torch.save`` of plain tensors and lists, loaded with
 
 * ``kind``: ``"gnn"`` (:class:`~hant.cost_models.learned.gnn.GraphNet`) or ``"perop"``
   (:class:`~hant.cost_models.learned.perop.PerOpNet`), and ``config``, the architecture
-  (sizes, fusion profile);
+  (sizes, fusion profile); a ``"kernel"`` file holds a
+  :class:`~hant.cost_models.learned.kernel_model.KernelPredictor` instead (its own fields) and
+  loads as :class:`~hant.cost_models.learned.kernel_model.KernelCostModel`;
 * ``x_mean`` / ``x_std``: the normalisation of the input rows, and ``scale``: seconds per
   unit of the network's output;
 * ``state_dict``: the weights; ``device``: the device vector of a transferred predictor;
@@ -122,7 +124,8 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Predictor":
-        """Read a predictor file. Raises :class:`CostModelError` when it is missing or not one."""
+        """Read a predictor file (a :class:`~hant.cost_models.learned.kernel_model.KernelPredictor` for
+        ``kind: "kernel"``). Raises :class:`CostModelError` when it is missing or not one."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise CostModelError(f"no predictor file at {path!r}; train one with `hant fit` or "
@@ -134,6 +137,9 @@ class Predictor:
                                  "train one with `hant fit`") from exc
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise CostModelError(f"{path!r} is not a hant predictor file; train one with `hant fit`")
+        if state.get("kind") == "kernel":
+            from hant.cost_models.learned.kernel_model import KernelPredictor
+            return KernelPredictor.from_state(state, path)
         if state.get("feature_version") != FEATURE_VERSION or state.get("feature_names") != list(FEATURE_NAMES):
             raise CostModelError(f"{path!r} was trained on other node features (version "
                                  f"{state.get('feature_version')}, this hant uses {FEATURE_VERSION}); train it again")
@@ -205,10 +211,14 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     return _LOADED[key]
 
 
-def _factory(argument: str | None) -> LearnedCostModel:
+def _factory(argument: str | None):
     if not argument:
         raise CostModelError("the learned cost model needs a predictor file: learned:PATH (train one with `hant fit`)")
-    return LearnedCostModel(load_predictor(argument), f"learned:{argument}")
+    predictor = load_predictor(argument)
+    if getattr(predictor, "kind", None) == "kernel":
+        from hant.cost_models.learned.kernel_model import KernelCostModel
+        return KernelCostModel(predictor, f"learned:{argument}")
+    return LearnedCostModel(predictor, f"learned:{argument}")
 
 
 register("learned", _factory, "a trained predictor file, learned:PATH (train it with `hant fit`)")

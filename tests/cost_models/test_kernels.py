@@ -1,0 +1,240 @@
+"""Kernel-level predictor: kernel grouping, kernel modules, timing into a store, fit/calibrate/predict."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torchvision.models import mobilenet_v3_small, resnet18, shufflenet_v2_x0_5
+
+import hant
+from hant.cost_models import get
+from hant.cost_models.learned import FEATURE_NAMES, featurize
+from hant.cost_models.learned.kernel_model import KernelCostModel, KernelPredictor, train_kernels
+from hant.cost_models.learned.kernels import (
+    KERNEL_FEATURES, KERNEL_TYPES, build_kernel, extract_kernels, kernel_macs, kernel_rows, kernel_signature,
+    profile_kernels, sample_kernel, sampled_kernels,
+)
+from hant.cost_models.store import LatencyStore, RuntimeKey, Spread
+from hant.graphs.trace import propagate_shapes
+
+from tests.helpers import randomize_bn
+
+
+def _trace(model, size=64):
+    return hant.trace(randomize_bn(model.eval(), 0), torch.randn(1, 3, size, size))
+
+
+def _synthetic_seconds(config):
+    """A made-up but smooth kernel latency: 3 us plus MACs and bytes at fixed rates."""
+    rows = kernel_rows([config])[0]
+    macs = kernel_macs(config)
+    moved = 2 ** rows[KERNEL_FEATURES.index("log_in_bytes")] + 2 ** rows[KERNEL_FEATURES.index("log_out_bytes")]
+    return float(3e-6 + macs / 2e10 + moved / 1e10)
+
+
+# ------------------------------------------------------------------ grouping
+
+def test_resnet_kernels_fuse_conv_bn_relu_and_add_relu():
+    gm = _trace(resnet18())
+    kernels = extract_kernels(gm)
+    by_anchor = {k.anchor: k for k in kernels}
+    stem = by_anchor["conv1"]
+    assert stem.nodes == ("conv1", "bn1", "relu") and stem.config["bn"] and stem.config["act"] == "relu"
+    assert stem.config["type"] == "conv" and stem.config["ho"] == 32 and stem.config["k"] == 7
+    adds = [k for k in kernels if k.config["type"] == "add"]
+    assert len(adds) == 8 and all(k.config["act"] == "relu" and len(k.nodes) == 2 for k in adds)
+    assert sum(k.config["type"] == "conv" for k in kernels) == 20
+    in_kernels = [n for k in kernels for n in k.nodes]
+    assert len(in_kernels) == len(set(in_kernels))           # every node in at most one kernel
+
+
+def test_squeeze_excite_kernels_and_depthwise_features():
+    kernels = extract_kernels(_trace(mobilenet_v3_small()))
+    types = {k.config["type"] for k in kernels}
+    assert {"conv", "pool_global", "mul", "linear"} <= types
+    gate = next(k for k in kernels if k.config["type"] == "conv" and k.config["act"] == "hardsigmoid")
+    assert gate.config["h"] == 1 and not gate.config["bn"]
+    dw = next(k for k in kernels if k.config["type"] == "conv" and k.config["groups"] > 1)
+    row = kernel_rows([dw.config])[0]
+    assert row[KERNEL_FEATURES.index("depthwise")] == 1.0 and row[KERNEL_FEATURES.index("type_conv")] == 1.0
+    mul = next(k for k in kernels if k.config["type"] == "mul")
+    assert mul.config["broadcast"]
+
+
+def test_shufflenet_shape_only_nodes_are_free_and_transposes_copy():
+    """x.size() and chunk tuples have no tensor_meta: free for kernels and for the GNN features (no crash)."""
+    gm = _trace(shufflenet_v2_x0_5())
+    kernels = extract_kernels(gm)
+    assert sum(k.config["type"] == "copy" for k in kernels) == 16          # one channel shuffle per block
+    assert sum(k.config["type"] == "cat" for k in kernels) == 16
+    size_nodes = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "size"]
+    assert size_nodes and not set(size_nodes) & {n for k in kernels for n in k.nodes}
+    features = featurize(gm)
+    rows = {name: features.x[i] for i, name in enumerate(features.names)}
+    for name in size_nodes:
+        assert rows[name][FEATURE_NAMES.index("kind_shape")] == 1.0
+        assert rows[name][FEATURE_NAMES.index("log_macs")] == rows[name][FEATURE_NAMES.index("log_bytes")] == 0
+
+
+def test_untraced_graph_still_raises_in_featurize():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(hant.CostModelError, match="trace the model with hant.trace"):
+        featurize(gm)
+
+
+def test_cached_node_facts_follow_new_shapes():
+    gm = _trace(resnet18(), 64)
+    first = extract_kernels(gm)[0].config
+    propagate_shapes(gm, torch.randn(1, 3, 96, 96))
+    again = extract_kernels(gm)[0].config
+    assert (first["h"], again["h"]) == (64, 96) and again["ho"] == 48
+
+
+# ------------------------------------------------------------------ kernels alone
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sampled_kernels_build_to_their_stated_shapes(seed):
+    config = sample_kernel(seed)
+    assert config["type"] in KERNEL_TYPES
+    assert config == sample_kernel(seed)
+    module, inputs = build_kernel(config)
+    with torch.no_grad():
+        out = module(*inputs)
+    if config["type"] == "conv":
+        assert tuple(out.shape) == (1, config["cout"], config["ho"], config["wo"])
+    elif "out" in config:
+        assert list(out.shape) == config["out"]
+    elif config["type"] == "cat":
+        assert out.shape[1] == sum(s[1] for s in config["shapes"])
+    elif config["type"] != "linear":
+        assert list(out.shape) == config["shape"]
+    assert np.isfinite(kernel_rows([config])).all()
+
+
+def test_profile_kernels_stores_positive_times_and_resumes(tmp_path):
+    configs = [{"type": "conv", "cin": 8, "cout": 16, "h": 8, "w": 8, "k": 3, "s": 1, "groups": 1, "bn": True,
+                "act": "relu", "batch": 1, "ho": 8, "wo": 8},
+               {"type": "add", "shape": [1, 8, 8, 8], "broadcast": False, "act": "none"},
+               {"type": "pool_global", "shape": [1, 16, 4, 4], "out": [1, 16, 1, 1], "k": 1, "s": 1}]
+    path = tmp_path / "k.db"
+    assert profile_kernels(configs[:2], path, threads=1, progress=False) == (2, 0)
+    assert profile_kernels(configs, path, threads=1, progress=False) == (1, 2)          # a rerun measures only the new one
+    with LatencyStore(path) as store:
+        stored = list(store.ops(kind="kernel"))
+    assert len(stored) == 3 and all(r.latency_s > 0 and r.spread.min_s > 0 for r in stored)
+    assert stored[0].signature == kernel_signature(configs[0])
+
+
+# ------------------------------------------------------------------ fit, calibrate, predict
+
+@pytest.fixture(scope="module")
+def predictor():
+    rng = random.Random(0)
+    configs = [sample_kernel(rng) for _ in range(300)]
+    return train_kernels(configs, [_synthetic_seconds(c) for c in configs], config={"steps": 300, "hidden": 32},
+                         seed=0)
+
+
+def test_kernel_mlp_learns_a_smooth_latency(predictor):
+    held = [sample_kernel(random.Random(f"held:{i}")) for i in range(100)]
+    predicted = predictor.kernel_seconds(kernel_rows(held))
+    truth = np.array([_synthetic_seconds(c) for c in held])
+    assert np.median(np.abs(predicted / truth - 1)) < 0.35
+    assert np.corrcoef(np.log(predicted), np.log(truth))[0, 1] > 0.9
+
+
+def test_calibration_recovers_a_linear_network_law(predictor):
+    rng = random.Random(1)
+    networks = [[sample_kernel(rng) for _ in range(rng.randint(5, 40))] for _ in range(30)]
+    alone = [predictor.kernel_seconds(kernel_rows(n)) for n in networks]
+    whole = np.array([0.8 * s.sum() - 2e-6 * len(s) + 5e-5 for s in alone])
+    summary = predictor.calibrate(networks, whole)
+    assert predictor.calibration == pytest.approx((0.8, -2e-6, 5e-5), rel=1e-4, abs=1e-9)
+    assert summary["mape_pct_after"] < 1e-3
+    np.testing.assert_allclose(predictor.predict_configs(networks), whole, rtol=1e-6)
+
+
+def test_learned_kernel_file_round_trip_and_node_order(predictor, tmp_path):
+    path = tmp_path / "kernel.pt"
+    predictor.save(path)
+    model = get(f"learned:{path}")
+    assert isinstance(model, KernelCostModel)
+    gm = _trace(resnet18())
+    report = model.graph_cost(gm)
+    assert report.latency_s == pytest.approx(KernelPredictor.from_state(torch.load(path, weights_only=True))
+                                             .predict_graph(gm), rel=1e-9)
+    assert report.rows_latency_s > 0 and len(report.rows) == len(
+        [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")])
+    assert model.node_cost(next(n for n in gm.graph.nodes if n.name == "conv1")).latency_s > 0
+
+    class TwoBranches(nn.Module):
+        def __init__(self, swap):
+            super().__init__()
+            self.swap = swap
+            self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            if self.swap:
+                b = self.b(x)
+                return self.a(x) + b
+            a = self.a(x)
+            return a + self.b(x)
+
+    x = torch.randn(1, 3, 16, 16)
+    first, second = hant.trace(TwoBranches(False).eval(), x), hant.trace(TwoBranches(True).eval(), x)
+    assert [n.name for n in first.graph.nodes] != [n.name for n in second.graph.nodes]
+    assert model.graph_cost(first).latency_s == pytest.approx(model.graph_cost(second).latency_s, rel=1e-6)
+
+
+def test_kernel_file_with_other_features_raises(predictor, tmp_path):
+    state = predictor.state()
+    state["feature_names"] = state["feature_names"][:-1]
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    with pytest.raises(hant.CostModelError, match="other kernel features"):
+        get(f"learned:{path}")
+
+
+def test_fit_db_kernel_round_trip(tmp_path, capsys):
+    """Kernels timed alone + whole networks in one store -> fit_db(model="kernel") -> learned:PATH."""
+    from hant.cost_models.learned import fit_db
+    from hant.cost_models.netspace import build, input_shape, sample_spec
+
+    key = RuntimeKey("onnxruntime", "test", 1, "test-cpu")
+    specs = [sample_spec(seed, "tiny") for seed in range(8)]
+    lists = [[k.config for k in extract_kernels(hant.trace(build(s), torch.randn(*input_shape(s))))] for s in specs]
+    rng = random.Random(0)
+    kernels = [c for n in lists for c in n] + [sample_kernel(rng) for _ in range(100)]
+    with LatencyStore(tmp_path / "data.db") as store:
+        for config in kernels:
+            t = _synthetic_seconds(config)
+            store.put_op(kernel_signature(config), key, 2 * t, Spread(0.0, t, 3 * t, 5, 0.5), cost_kind="kernel")
+        for spec, n in zip(specs, lists):
+            whole = 0.7 * sum(_synthetic_seconds(c) for c in n) + 2e-5
+            store.put_network(spec, input_shape(spec), key, 1.02 * whole, Spread(0.0, whole, 1.1 * whole, 5, 0.1))
+        assert list(store.calibration_samples()) == []                # kernels never reach the roofline fit
+    out = tmp_path / "kernel.pt"
+    result = fit_db(tmp_path / "data.db", model="kernel", out=out, holdout=0.25, config={"steps": 200})
+    assert "kernel on" in capsys.readouterr().out
+    assert result.metrics["mape_pct"] < 25
+    assert result.predictor.metadata["calibration"]["networks"] == 6
+    spec = specs[result.test_rows[0]]
+    report = get(f"learned:{out}").graph_cost(hant.trace(build(spec), torch.randn(*input_shape(spec))))
+    assert report.latency_s > 0
+
+
+def test_cli_profile_times_kernels_and_fit_refuses_a_table(tmp_path, capsys):
+    from hant.tools.cli import main
+
+    db = tmp_path / "cli.db"
+    assert main(["profile", "--n", "1", "--space", "tiny", "--no-nodes", "--threads", "1", "--kernels", "2",
+                 "--out", str(db)]) == 0
+    assert "timed 2 kernels alone" in capsys.readouterr().out
+    with LatencyStore(db) as store:
+        assert [r.signature["config"] for r in store.ops(kind="kernel")] == sampled_kernels(2, 0)
+    assert main(["fit", "--table", "nb201", "--target", "pixel3", "--model", "kernel", "--out",
+                 str(tmp_path / "k.pt")]) == 2
+    assert "--model kernel learns from kernels timed alone" in capsys.readouterr().err
