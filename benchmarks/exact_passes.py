@@ -10,12 +10,16 @@ For every model (random weights, randomised BatchNorm statistics, eval mode, bat
 * latency under torch eager and under onnxruntime (each variant exported the same way:
   ``hant.export_onnx``, i.e. torch.onnx + onnx-simplifier, checked against the module);
 * timing: warm-up, then ``--runs`` rounds in which every variant runs once, in turn
-  (A B C A B C ...), so drifts in machine load hit all variants alike; the table gives the
-  median per variant and its ratio to ``original`` measured in the same rounds;
+  (A B C A B C ...), so drifts in machine load hit all variants alike. Each call is timed
+  by the wall clock and by the CPU time of the calling thread (with one intra-op thread
+  torch and onnxruntime compute on it), which the load of a shared machine disturbs far
+  less. The table gives the median per variant and, as its speedup, the median and
+  interquartile range of the per-round ratios ``original / variant``;
 * intra-op threads: ``--threads`` (torch.set_num_threads and onnxruntime
   intra_op_num_threads alike), stated in the table;
-* the time the "exact" pipeline took (trace + passes + numeric checks), and the pipeline
-  time alone on efficientnet_v2_l;
+* the time the "exact" pipeline took (trace + passes + numeric checks), wall clock and CPU
+  time of the process, and the pipeline time alone on efficientnet_v2_l (median of
+  ``--repeats`` runs, with and without numeric checks);
 * a RepVGG-style multi-branch network (3x3+BN, 1x1+BN and identity-BN branches summed)
   after "exact", against a hand-built single-branch 3x3 network of the same shapes.
 
@@ -29,9 +33,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -43,7 +49,7 @@ import hant
 from hant.tools.testing import randomize_bn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, ort_session  # noqa: E402
+from common import ort_session  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -86,103 +92,170 @@ def repvgg_single_branch() -> nn.Module:
 
 # ------------------------------------------------------------ timing
 
+def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict:
+    """Seconds per call of each function in rounds A B C A B C ... after warm-up:
+    ``{"wall": {name: [per round]}, "cpu": {name: [per round]}}`` (cpu: this thread's CPU time)."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in functions}
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(runs):
+        for name, fn in functions.items():
+            start_cpu, start = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.thread_time() - start_cpu)
+    return {"wall": wall, "cpu": cpu}
+
+
+def ratio_stats(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``numerator / denominator``."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
 def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, folder: str) -> dict:
     eager = {name: (lambda m=m: m(x)) for name, m in variants.items()}
     with torch.no_grad():
-        eager_s = interleaved_medians(eager, args.runs, args.warmup)
+        eager_rounds = interleaved_rounds(eager, args.runs, args.warmup)
         sessions = {name: ort_session(m, x, args.threads, folder, name.replace(" ", "_").replace(".", "_"))
                     for name, m in variants.items()}
-        ort_s = interleaved_medians(sessions, args.runs, args.warmup)
-    return {"eager_s": eager_s, "ort_s": ort_s}
+        ort_rounds = interleaved_rounds(sessions, args.runs, args.warmup)
+    return {"eager": eager_rounds, "ort": ort_rounds}
+
+
+def timed_optimize(model: nn.Module, x: torch.Tensor, **options) -> tuple[hant.OptimizeResult, float, float]:
+    """``hant.optimize(model, x, passes="exact", **options)`` with its wall and process CPU seconds."""
+    start_cpu, start = time.process_time(), time.perf_counter()
+    result = hant.optimize(model, x, passes="exact", **options)
+    return result, time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def bench_model(name: str, args) -> dict:
     torch.manual_seed(0)
     model = randomize_bn(getattr(torchvision.models, name)(), 1)
     x = torch.randn(1, 3, args.size, args.size)
-    start = time.perf_counter()
-    result = hant.optimize(model, x, passes="exact")
-    pipeline_s = time.perf_counter() - start
+    result, wall_s, cpu_s = timed_optimize(model, x)
     fused = fx_fuse(model)  # copies the model (inplace=False)
     with tempfile.TemporaryDirectory() as folder:
         timings = measure({"original": model, "fx.fuse": fused, "hant exact": result.module}, x, args, folder)
-    return {"pipeline_s": pipeline_s, "max_error": result.max_error, **timings}
+    return {"pipeline_s": wall_s, "pipeline_cpu_s": cpu_s, "max_error": result.max_error, **timings}
 
 
 def bench_repvgg(args) -> dict:
     multi, single = repvgg_multi_branch(), repvgg_single_branch()
     x = torch.randn(1, 3, args.size, args.size)
-    start = time.perf_counter()
-    result = hant.optimize(multi, x, passes="exact")
-    pipeline_s = time.perf_counter() - start
+    result, wall_s, cpu_s = timed_optimize(multi, x)
     convs = sum(isinstance(m, nn.Conv2d) for m in result.module.modules())
     with tempfile.TemporaryDirectory() as folder:
         timings = measure({"original": multi, "hant exact": result.module, "single-branch": single}, x, args, folder)
-    return {"pipeline_s": pipeline_s, "max_error": result.max_error, "convs_after": convs, **timings}
+    return {"pipeline_s": wall_s, "pipeline_cpu_s": cpu_s, "max_error": result.max_error, "convs_after": convs,
+            **timings}
 
 
 def bench_pipeline_only(name: str, args) -> dict:
+    """The pipeline alone, ``--repeats`` times with and without numeric checks, in turn; medians and ranges."""
     torch.manual_seed(0)
     model = randomize_bn(getattr(torchvision.models, name)(), 1)
     x = torch.randn(1, 3, args.size, args.size)
-    start = time.perf_counter()
-    result = hant.optimize(model, x, passes="exact")
-    checked_s = time.perf_counter() - start
-    start = time.perf_counter()
-    hant.optimize(model, x, passes="exact", check=False)
-    unchecked_s = time.perf_counter() - start
-    return {"pipeline_s": checked_s, "pipeline_unchecked_s": unchecked_s, "max_error": result.max_error}
+    checked, unchecked = [], []
+    for _ in range(args.repeats):
+        result, wall_s, cpu_s = timed_optimize(model, x)
+        checked.append((wall_s, cpu_s))
+        _, wall_s, cpu_s = timed_optimize(model, x, check=False)
+        unchecked.append((wall_s, cpu_s))
+    row = {"max_error": result.max_error, "repeats": args.repeats}
+    for key, runs in (("pipeline", checked), ("pipeline_unchecked", unchecked)):
+        for clock, values in (("s", [w for w, _ in runs]), ("cpu_s", [c for _, c in runs])):
+            row[f"{key}_{clock}"] = statistics.median(values)
+            row[f"{key}_{clock}_range"] = [min(values), max(values)]
+    return row
 
 
 # ------------------------------------------------------------ table
 
-def latency_rows(name: str, row: dict, baseline: str = "original") -> list[str]:
+def _speedup(rounds: dict, clock: str, variant: str, baseline: str = "original") -> str:
+    median, q1, q3 = ratio_stats(rounds[clock][baseline], rounds[clock][variant])
+    return f"{median:.3f}x [{q1:.3f}, {q3:.3f}]"
+
+
+def latency_rows(name: str, row: dict) -> list[str]:
     lines = []
-    eager, ort = row["eager_s"], row["ort_s"]
-    for variant in eager:
+    eager, ort = row["eager"], row["ort"]
+    for variant in eager["wall"]:
+        pipeline = (f"{row['pipeline_s']:.2f} / {row['pipeline_cpu_s']:.2f} | {row['max_error']:.1e} |"
+                    if variant == "hant exact" else " | |")
         lines.append(
-            f"| {name} | {variant} | {eager[variant] * 1e3:.2f} | {eager[baseline] / eager[variant]:.3f}x | "
-            f"{ort[variant] * 1e3:.2f} | {ort[baseline] / ort[variant]:.3f}x | "
-            + (f"{row['pipeline_s']:.2f} | {row['max_error']:.1e} |" if variant == "hant exact" else " | |"))
+            f"| {name} | {variant} | {statistics.median(eager['wall'][variant]) * 1e3:.2f} | "
+            f"{_speedup(eager, 'wall', variant)} | {_speedup(eager, 'cpu', variant)} | "
+            f"{statistics.median(ort['wall'][variant]) * 1e3:.2f} | {_speedup(ort, 'wall', variant)} | "
+            f"{_speedup(ort, 'cpu', variant)} | " + pipeline)
     return lines
 
 
+TABLE_HEAD = ["| model | variant | eager ms | eager speedup (wall) | eager speedup (CPU) | onnxruntime ms | "
+              "onnxruntime speedup (wall) | onnxruntime speedup (CPU) | pipeline s (wall / CPU) | error |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+
 def write_table(results: dict, args, path: str) -> str:
-    header = [
+    lines = [
         "# `exact` passes: latency before and after",
         "",
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
-        f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
-        f"batch 1, input 3x{args.size}x{args.size}, float32, intra-op threads: {args.threads}; "
-        f"median of {args.runs} interleaved rounds after {args.warmup} warm-up rounds"
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, **shared with other "
+        f"jobs while measuring**; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__} "
+        f"(CPUExecutionProvider); batch 1, input 3x{args.size}x{args.size}, float32, intra-op threads: "
+        f"{args.threads} (torch and onnxruntime); {args.runs} interleaved rounds after {args.warmup} warm-up "
+        f"rounds; measured {time.strftime('%Y-%m-%d')}"
         + (" (**--quick: a smoke run, not a measurement**)" if args.quick else "") + ".",
-        "Speedup = original median / variant median (same rounds). Pipeline = `hant.optimize(..., passes=\"exact\")`"
-        " wall time (trace, passes, numeric checks). Error = max relative output error of hant's result.",
         "",
-        "| model | variant | eager ms | eager speedup | onnxruntime ms | onnxruntime speedup | pipeline s | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "ms = median wall-clock milliseconds per call. Speedup = median of the per-round ratios original / "
+        "variant, [interquartile range]; (wall) from wall-clock times, (CPU) from the calling thread's CPU time, "
+        "which the other jobs on the machine disturb much less. Pipeline = `hant.optimize(..., "
+        "passes=\"exact\")` (trace, passes, numeric checks): wall-clock / process CPU seconds. Error = max "
+        "relative output error of hant's result.",
+        "",
+        *TABLE_HEAD,
     ]
-    lines = list(header)
     for name in args.models:
         if name in results:
             lines += latency_rows(name, results[name])
+    targets = ["", "Targets, each from per-round ratios of one run: median [interquartile range].", ""]
+    for name in args.models:
+        if name in results:
+            eager, ort = results[name]["eager"], results[name]["ort"]
+            targets.append(
+                f"- {name}: eager fx.fuse / hant exact = {_speedup(eager, 'wall', 'hant exact', 'fx.fuse')} wall, "
+                f"{_speedup(eager, 'cpu', 'hant exact', 'fx.fuse')} CPU (target >= 1); onnxruntime original / hant "
+                f"exact = {_speedup(ort, 'wall', 'hant exact')} wall, {_speedup(ort, 'cpu', 'hant exact')} CPU "
+                "(target >= 1)")
     if "repvgg" in results:
         row = results["repvgg"]
         lines += ["", f"RepVGG-style multi-branch network ({len(STAGES)} blocks) after `exact`: "
                       f"{row['convs_after']} convs left; single-branch = hand-built 3x3 conv + ReLU network of "
-                      f"the same shapes (the limit).", "",
-                  "| model | variant | eager ms | eager speedup | onnxruntime ms | onnxruntime speedup | pipeline s "
-                  "| error |", "|---|---|---|---|---|---|---|---|"]
+                      f"the same shapes (the limit).", "", *TABLE_HEAD]
         lines += latency_rows("repvgg-style", row)
-        e, o = row["eager_s"], row["ort_s"]
-        lines += ["", f"collapsed / single-branch latency: eager {e['hant exact'] / e['single-branch']:.3f}, "
-                      f"onnxruntime {o['hant exact'] / o['single-branch']:.3f} (target <= 1.05)."]
+        e, o = row["eager"], row["ort"]
+        targets.append(
+            f"- repvgg-style: collapsed / single-branch latency = "
+            f"{_speedup(e, 'wall', 'single-branch', 'hant exact')} eager wall, "
+            f"{_speedup(e, 'cpu', 'single-branch', 'hant exact')} eager CPU, "
+            f"{_speedup(o, 'wall', 'single-branch', 'hant exact')} onnxruntime wall, "
+            f"{_speedup(o, 'cpu', 'single-branch', 'hant exact')} onnxruntime CPU (target <= 1.05)")
     big = results.get(args.big)
     if big:
-        lines += ["", f"`exact` pipeline on {args.big} (input 3x{args.size}x{args.size}): {big['pipeline_s']:.2f} s "
-                      f"with numeric checks, {big['pipeline_unchecked_s']:.2f} s without (check=False) "
-                      f"(target <= 5 s); max relative error {big['max_error']:.1e}."]
-    text = "\n".join(lines) + "\n"
+        def spread(key: str) -> str:
+            low, high = big[f"{key}_range"]
+            return f"{big[key]:.2f} s [{low:.2f}, {high:.2f}]"
+
+        targets.append(
+            f"- `exact` pipeline on {args.big} (input 3x{args.size}x{args.size}), median [min, max] of "
+            f"{big['repeats']} runs: {spread('pipeline_s')} wall, {spread('pipeline_cpu_s')} CPU with numeric "
+            f"checks; {spread('pipeline_unchecked_s')} wall, {spread('pipeline_unchecked_cpu_s')} CPU without "
+            f"(check=False) (target <= 5 s); max relative error {big['max_error']:.1e}")
+    text = "\n".join(lines + targets) + "\n"
     with open(path, "w") as handle:
         handle.write(text)
     return text
@@ -197,6 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, help="interleaved timing rounds (default 50, 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the pipeline alone on --big")
     parser.add_argument("--out", help="markdown table path (default benchmarks/results/exact_passes.md, "
                                        "exact_passes_quick.md with --quick)")
     parser.add_argument("--fresh", action="store_true", help="ignore rows kept from an earlier run")
@@ -209,7 +283,7 @@ def main(argv=None) -> int:
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     store = os.path.splitext(args.out)[0] + ".json"
-    settings = f"size={args.size},threads={args.threads},runs={args.runs},warmup={args.warmup}"
+    settings = f"v2,size={args.size},threads={args.threads},runs={args.runs},warmup={args.warmup}"
     kept = {}
     if os.path.exists(store) and not args.fresh:
         with open(store) as handle:

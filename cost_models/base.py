@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Protocol, runtime_checkable
 from torch.fx import GraphModule, Node
 
 from hant.errors import CostModelError
-from hant.graphs.ops import op_kind, output_shape
+from hant.graphs.ops import graph_unchanged, module_of, op_kind, output_shape
 
 __all__ = ["Cost", "CostRow", "CostReport", "CostModel", "NodeSumCostModel", "register", "get", "available",
            "COMPUTE_SKIP_KINDS"]
@@ -100,7 +100,7 @@ COMPUTE_SKIP_KINDS = frozenset({"placeholder", "output", "get_attr"})
 
 def _target_name(node: Node) -> str:
     if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+        return type(module_of(node)).__name__
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     target = node.target
@@ -132,7 +132,8 @@ class NodeSumCostModel:
                        tuple(shape) if shape is not None else None, self.node_cost(node))
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
-        rows = [self.row(n) for n in gm.graph.nodes if n.op not in COMPUTE_SKIP_KINDS]
+        with graph_unchanged():  # each node is classified once, however many views ask
+            rows = [self.row(n) for n in gm.graph.nodes if n.op not in COMPUTE_SKIP_KINDS]
         return CostReport.from_rows(self.name, rows)
 
 

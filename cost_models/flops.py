@@ -186,8 +186,12 @@ def _weights(node: Node) -> tuple[int, int]:
     """(parameters the node owns, bytes of the weights and buffers it reads)."""
     m = module_of(node)
     if m is not None:
-        params = list(m.parameters())
-        buffers = [b for b in m.buffers() if b.is_floating_point()]  # not BatchNorm's step counter
+        if m._modules:  # a module with children: its tensors, each shared one once
+            params = list(m.parameters())
+            buffers = [b for b in m.buffers() if b.is_floating_point()]  # not BatchNorm's step counter
+        else:  # a leaf layer (the common case): read its dicts, without parameters()' generator machinery
+            params = _distinct(m._parameters.values())
+            buffers = [b for b in _distinct(m._buffers.values()) if b.is_floating_point()]
         return sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in params + buffers)
     owned = read = 0
     for arg in node.all_input_nodes:
@@ -198,6 +202,16 @@ def _weights(node: Node) -> tuple[int, int]:
         if isinstance(value, nn.Parameter) and next(iter(arg.users)) is node:
             owned += value.numel()
     return owned, read
+
+
+def _distinct(tensors) -> list:
+    """The non-None tensors, each object once, in order."""
+    seen, out = set(), []
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 def _activation_bytes(node: Node) -> int:
@@ -217,13 +231,14 @@ class FlopsModel(NodeSumCostModel):
         if node.op in ("placeholder", "output", "get_attr"):
             return Cost()
         params, weight_bytes = _weights(node)
-        if op_kind(node) in ("shape", "identity") or not _metas(tensor_meta(node)):
+        written = _metas(tensor_meta(node))
+        if not written or op_kind(node) in ("shape", "identity"):
             return Cost(params=params)
         return Cost(
             latency_s=0.0,
             macs=node_macs(node),
             bytes_read=_activation_bytes(node) + weight_bytes,
-            bytes_written=tensor_bytes(node),
+            bytes_written=sum(_numel(m.shape) * m.dtype.itemsize for m in written),
             params=params,
         )
 

@@ -24,6 +24,7 @@ from hant.cost_models.roofline import DEVICE_PRESETS, RooflineModel
 from hant.cost_models.store import LatencyStore, canonical_json
 from hant.cost_models.timing import runtime_for
 from hant.errors import CostModelError
+from hant.graphs.ops import graph_unchanged
 
 __all__ = ["LutModel"]
 
@@ -76,17 +77,18 @@ class LutModel(NodeSumCostModel):
     def graph_cost(self, gm: GraphModule) -> CostReport:
         """Sum of node costs; notes count table hits and name the ops the roofline priced."""
         rows, missed = [], []
-        for node in gm.graph.nodes:
-            if node.op in COMPUTE_SKIP_KINDS:
-                continue
-            row = self._counts.row(node)
-            latency = self.lookup(node)
-            if latency is None:
-                missed.append(f"{node.name} ({row.kind})")
-                latency = self.roofline.node_cost(node).latency_s
-            rows.append(CostRow(row.node, row.kind, row.target, row.input_shapes, row.output_shape,
-                                Cost(latency, row.cost.macs, row.cost.bytes_read, row.cost.bytes_written,
-                                     row.cost.params)))
+        with graph_unchanged():  # each node is classified once, however many views ask
+            for node in gm.graph.nodes:
+                if node.op in COMPUTE_SKIP_KINDS:
+                    continue
+                row = self._counts.row(node)
+                latency = self.lookup(node)
+                if latency is None:
+                    missed.append(f"{node.name} ({row.kind})")
+                    latency = self.roofline.node_cost(node).latency_s
+                rows.append(CostRow(row.node, row.kind, row.target, row.input_shapes, row.output_shape,
+                                    Cost(latency, row.cost.macs, row.cost.bytes_read, row.cost.bytes_written,
+                                         row.cost.params)))
         notes = [f"table: {len(self.table)} ops in {self.store.path} for {self.key.runtime}, "
                  f"{self.key.threads} thread(s), on {self.key.device}"]
         if missed:

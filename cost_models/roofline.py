@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -92,9 +92,16 @@ _BANDWIDTH_CAP = 204.8 * _G            # eight channels of DDR4-3200 (8 * 25.6 G
 _CPU_OVERHEAD_S = 5e-6                 # PyTorch eager dispatch of one op, a few microseconds
 
 
-def _cpu_fma_lanes(flags: set[str]) -> tuple[int, str]:
-    """float32 MACs per cycle per core, assuming two FMA pipes, from the ISA flags."""
+def _cpu_fma_lanes(flags: set[str], vendor: str = "", family: int | None = None) -> tuple[int, str]:
+    """float32 MACs per cycle per core, assuming two FMA pipes, from the ISA flags.
+
+    AMD cores before Zen 5 (``cpu family`` below 26: Zen 4 is the first with AVX-512) run
+    AVX-512 on 256-bit datapaths, so two pipes give 16 MACs per cycle, not 32 (AMD
+    "Zen 4" software optimization guide).
+    """
     if "avx512f" in flags:
+        if vendor == "AuthenticAMD" and family is not None and family < 26:
+            return 16, "AVX-512 on 2x 256-bit FMA (AMD Zen 4)"
         return 32, "2x AVX-512 FMA"
     if "avx2" in flags and "fma" in flags:
         return 16, "2x AVX2 FMA"
@@ -112,7 +119,7 @@ def local_cpu() -> Device:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores = max(1, min(cores, torch.get_num_threads()))
-    ghz, flags = _FALLBACK_GHZ, set()
+    ghz, flags, vendor, family = _FALLBACK_GHZ, set(), "", None
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -121,9 +128,13 @@ def local_cpu() -> Device:
             ghz = max(float(v) for v in mhz) / 1000
         found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
         flags = set(found.group(1).split()) if found else set()
+        found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+        vendor = found.group(1) if found else ""
+        found = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
+        family = int(found.group(1)) if found else None
     except OSError:
         pass
-    lanes, isa = _cpu_fma_lanes(flags)
+    lanes, isa = _cpu_fma_lanes(flags, vendor, family)
     peak = cores * ghz * _G * lanes
     bandwidth = min(cores * _BANDWIDTH_PER_CORE, _BANDWIDTH_CAP)
     source = (f"local: {cores} cores x {ghz:.2f} GHz x {lanes} fp32 MACs/cycle ({isa}); "
@@ -271,7 +282,7 @@ class RooflineModel(NodeSumCostModel):
     def node_cost(self, node: Node) -> Cost:
         counted = self._counter.node_cost(node)
         latency = self.predict(roofline_kind(node), counted.macs, counted.bytes, output_dtype(node))
-        return replace(counted, latency_s=latency)
+        return Cost(latency, counted.macs, counted.bytes_read, counted.bytes_written, counted.params)
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
         report = super().graph_cost(gm)

@@ -20,6 +20,9 @@ Teach a new spelling here, not in a pass.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,6 +41,7 @@ __all__ = [
     "layernorm_of", "matmul_of", "einsum_of", "EinsumView", "attention_of", "is_identity_like", "is_shape_op",
     "is_inplace", "is_input_guard", "op_kind",
     "module_of", "constant_of", "tensor_meta", "output_shape", "output_dtype", "ACTIVATION_KINDS",
+    "graph_unchanged",
 ]
 
 aten = torch.ops.aten
@@ -50,7 +54,16 @@ def module_of(node: Node) -> nn.Module | None:
     if node.op != "call_module":
         return None
     gm = node.graph.owning_module
-    return gm.get_submodule(node.target) if gm is not None else None
+    if gm is None:
+        return None
+    # Fast path: walk the ``_modules`` dicts (what ``get_submodule`` finds through
+    # ``nn.Module.__getattr__``, about 20x cheaper); anything unusual goes the slow way.
+    module = gm
+    for part in node.target.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return gm.get_submodule(node.target)
+    return module
 
 
 def constant_of(arg: Any) -> torch.Tensor | None:
@@ -921,3 +934,59 @@ def op_kind(node: Node) -> str:
     if isinstance(m, nn.Flatten):
         return "shape"
     return "other"
+
+
+# ---------------------------------------------------------------- memo for read-only walks
+
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hant_ops_memo", default=None)
+
+
+@contextlib.contextmanager
+def graph_unchanged():
+    """Within this block, the op views and :func:`op_kind` remember their answer per node.
+
+    For read-only walks that ask several views about every node (a cost model pricing a
+    graph asks ``op_kind``, ``conv_of``, ... many times per node). The caller promises that
+    no graph, node or module changes inside the block; outside it nothing is remembered.
+    Blocks nest (an inner block shares the outer memo).
+    """
+    if _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _memoized(view: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``view`` answering from the :func:`graph_unchanged` memo when one is open."""
+    @functools.wraps(view)
+    def remembered(node):
+        memo = _MEMO.get()
+        if memo is None or not isinstance(node, Node):
+            return view(node)
+        key = (view, node)
+        if key in memo:
+            return memo[key]
+        value = memo[key] = view(node)
+        return value
+    return remembered
+
+
+conv_of = _memoized(conv_of)
+linear_of = _memoized(linear_of)
+batchnorm_of = _memoized(batchnorm_of)
+layernorm_of = _memoized(layernorm_of)
+activation_of = _memoized(activation_of)
+add_of = _memoized(add_of)
+mul_of = _memoized(mul_of)
+pool_of = _memoized(pool_of)
+matmul_of = _memoized(matmul_of)
+einsum_of = _memoized(einsum_of)
+attention_of = _memoized(attention_of)
+is_identity_like = _memoized(is_identity_like)
+is_shape_op = _memoized(is_shape_op)
+op_kind = _memoized(op_kind)
+module_of = _memoized(module_of)

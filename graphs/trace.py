@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from hant.errors import InputError, TraceError
 
-__all__ = ["trace", "propagate_shapes", "as_input_tuple", "TRACE_METHODS"]
+__all__ = ["trace", "trace_with_outputs", "propagate_shapes", "as_input_tuple", "TRACE_METHODS"]
 
 TRACE_METHODS = ("auto", "symbolic", "export")
 
@@ -122,13 +122,17 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.
     BatchNorm's running statistics are restored after the run). Raises :class:`InputError`
     when the inputs do not run. Returns ``gm`` for chaining.
     """
-    inputs = as_input_tuple(example_inputs)
+    _propagate(gm, as_input_tuple(example_inputs))
+    return gm
+
+
+def _propagate(gm: torch.fx.GraphModule, inputs: tuple) -> Any:
+    """:func:`propagate_shapes`, returning the graph's outputs on the inputs."""
     try:
         with torch.no_grad(), _buffers_kept(gm):
-            ShapeProp(gm).propagate(*inputs)
+            return ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # the model's own error, wrapped
         raise InputError(f"the example inputs do not run through the graph: {exc}") from exc
-    return gm
 
 
 def _check_runs(model: torch.nn.Module, inputs: tuple) -> None:
@@ -163,6 +167,24 @@ def trace(
     Raises :class:`InputError` when the inputs do not run through the model, and
     :class:`TraceError`, naming the failing source line, when neither method can capture it.
     """
+    return trace_with_outputs(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                              method=method)[0]
+
+
+def trace_with_outputs(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    method: str = "auto",
+) -> tuple[torch.fx.GraphModule, Any]:
+    """:func:`trace`, also returning the captured graph's outputs on ``example_inputs``.
+
+    The outputs come from the run that filled ``tensor_meta`` (no extra run), so a caller
+    that needs them, like :func:`hant.optimize` for its numeric checks, saves a forward
+    pass. Arguments and errors as for :func:`trace`.
+    """
     if method not in TRACE_METHODS:
         raise TraceError(f"unknown trace method {method!r}; use one of {', '.join(TRACE_METHODS)}")
     if not isinstance(model, torch.nn.Module):
@@ -174,18 +196,18 @@ def trace(
     if method in ("auto", "symbolic"):
         try:
             gm = _symbolic(model, leaf_modules, concrete_args)
-            propagate_shapes(gm, inputs)
+            outputs = _propagate(gm, inputs)
             gm.meta["hant_trace_method"] = "symbolic"
-            return gm
+            return gm, outputs
         except Exception as exc:
             failures.append(("symbolic_trace", exc))
     _check_runs(model, inputs)  # bad inputs are the user's, not the tracer's, problem
     if method in ("auto", "export"):
         try:
             gm = _export(model, inputs)
-            propagate_shapes(gm, inputs)
+            outputs = _propagate(gm, inputs)
             gm.meta["hant_trace_method"] = "export"
-            return gm
+            return gm, outputs
         except Exception as exc:
             failures.append(("torch.export", exc))
 

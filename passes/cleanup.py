@@ -66,9 +66,11 @@ class Cleanup(Pass):
 
     def call(self, gm: GraphModule) -> PassResult:
         before = _state(gm)
+        bypassed = False
         for node in list(gm.graph.nodes):
             if _bypassable(node):
                 node.replace_all_uses_with(_source(node))
                 self.decide(node.name, "applied", "no-op removed (identity, eval dropout or copy)")
-        prune_unused(gm)
+                bypassed = True
+        prune_unused(gm, edited=bypassed)
         return PassResult(gm, _state(gm) != before)

@@ -64,6 +64,10 @@ class Price:
     bytes: int
     ops: int
 
+    def __add__(self, other: "Price") -> "Price":
+        return Price(self.latency_s + other.latency_s, self.macs + other.macs, self.bytes + other.bytes,
+                     self.ops + other.ops)
+
     def figure(self, other: "Price") -> float:
         """The number to report next to ``other``: latency when the model gives one, else MACs."""
         return self.latency_s if (self.latency_s or other.latency_s) else float(self.macs)

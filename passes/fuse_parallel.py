@@ -9,7 +9,12 @@ dot product as before.
 
 The fusion is priced with the context's cost model (the same resolution as fold_linear:
 ``roofline:cpu``, else ``flops``, when the context has none): the siblings against the
-fused op plus the split (its getitems are views), kept only when strictly cheaper. Grouped convolutions are refused:
+fused op plus the split (its getitems are views), kept only when strictly cheaper. The
+split is priced at least as a copy of its elements (the model's price of a concatenation
+of the pieces): eager torch slices channels as views, but exported to ONNX it is a Split
+kernel that copies every element and cuts the fused op off from the ops after it
+(onnxruntime's Conv+ReLU and Conv+Add fusions, its blocked-layout chains), so a fusion
+that only saves a kernel launch makes the deployed model slower. Grouped convolutions are refused:
 their fused output channels interleave per group, so a split cannot separate them.
 Transposed convolutions, non-zero padding modes and run-time weights are left alone.
 Every choice is recorded with :meth:`Pass.decide`. New weights go into new modules.
@@ -27,7 +32,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from hant.graphs.ops import conv_of, linear_of, output_dtype, output_shape
 from hant.passes.base import Pass, PassResult, register
-from hant.passes.fold_linear import cost_model_for, price
+from hant.passes.fold_linear import Price, cost_model_for, price
 from hant.passes.surgery import add_module, copy_meta, prune_unused, readable
 
 __all__ = ["FuseParallel"]
@@ -53,6 +58,21 @@ def _signature(node: Node) -> tuple | None:
             return None
         return ("linear", lin.input, tuple(shape[:-1]), dtype, lin.weight.device)
     return None
+
+
+def _split_price(gm: GraphModule, model, split: Node, pieces: list[Node], dim: int) -> Price:
+    """The split's price: the model's own, or, when higher, that of copying every element once.
+
+    The copy is priced as the concatenation of the pieces (it reads and writes the same
+    bytes as a Split kernel), through a scratch node erased again before returning.
+    """
+    with gm.graph.inserting_after(pieces[-1]):
+        scratch = gm.graph.call_function(torch.cat, (list(pieces), dim))
+    scratch.meta["tensor_meta"] = split.args[0].meta["tensor_meta"]
+    try:
+        return max(price(model, [split]), price(model, [scratch]))
+    finally:
+        gm.graph.erase_node(scratch)
 
 
 @register
@@ -124,7 +144,7 @@ class FuseParallel(Pass):
                 pieces.append(piece)
         added = [fused, split, *pieces]
         # The getitems are views of the split's outputs (one multi-output Split in ONNX): not priced.
-        before, after = price(model, siblings), price(model, [fused, split])
+        before, after = price(model, siblings), price(model, [fused]) + _split_price(gm, model, split, pieces, dim)
         reason = f"{len(siblings)} {'convs' if is_conv else 'linears'} -> one with {sum(sizes)} outputs + split"
         if not after < before:
             for node in reversed(added):

@@ -17,6 +17,11 @@ For every pass it runs, in order (repeated to a fixed point when asked):
    from before it is kept and the report says why. A lossy pass reports its drift;
 4. the cost model prices the graph before and after (``graph_cost(gm).latency_s``).
 
+The check needs a deterministic model. Before a failed check is blamed on the pass, the
+graph from before it is run again: when that does not reproduce its own outputs exactly
+(dropout in train mode, say), a :class:`PassError` says so. With a lossy pass in the
+list, whose drift no check would flag, that is asked once before any pass runs.
+
 With ``fixed_point`` the list is repeated until a whole round changes nothing (at most
 ``max_iterations`` rounds); a pass that already left the current graph unchanged is not
 run on it again (passes are deterministic).
@@ -186,12 +191,17 @@ def _tensors(gm: GraphModule) -> list[torch.Tensor]:
            [t for _, t in gm.named_buffers(remove_duplicate=False)]
 
 
-def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
+def _structural_copy(module: torch.nn.Module, recompile: bool = True) -> torch.nn.Module:
     """Copy the module tree and graph, sharing parameter and buffer tensors with ``module``.
 
     Every module object is new (its ``_modules``/``_parameters``/``_buffers`` dicts too), so a
     pass may add, replace or delete submodules and tensors of the copy freely; the graph is
     deep-copied. Much cheaper than ``copy.deepcopy`` of the whole GraphModule.
+
+    ``recompile=False`` skips generating and compiling Python code for the copied graphs:
+    each copy runs the forward compiled for ``module``'s identical graph instead (it is
+    called like any nn.Module). A caller that edits the copy's graph recompiles it, as
+    every pass must.
     """
     if isinstance(module, GraphModule):
         new = GraphModule.__new__(type(module))  # its own singleton class, as GraphModule wants
@@ -199,13 +209,20 @@ def _structural_copy(module: torch.nn.Module) -> torch.nn.Module:
     else:
         new = copy.copy(module)
     state = new.__dict__  # written directly: nn.Module.__setattr__ is slow and these are plain containers
-    state["_modules"] = {k: (_structural_copy(v) if v is not None else None) for k, v in module._modules.items()}
+    state["_modules"] = {k: (_structural_copy(v, recompile) if v is not None else None)
+                         for k, v in module._modules.items()}
     state["_parameters"] = dict(module._parameters)
     state["_buffers"] = dict(module._buffers)
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     if isinstance(module, GraphModule):
         state["meta"] = dict(module.meta)
-        new.graph = copy.deepcopy(module.graph)  # sets owning_module and recompiles
+        graph = copy.deepcopy(module.graph)
+        if recompile:
+            new.graph = graph  # sets owning_module and recompiles
+        else:
+            state["_graph"] = graph
+            graph.owning_module = new
+            type(new).forward = type(module).forward  # the code compiled for the same graph
     return new
 
 
@@ -239,6 +256,20 @@ def _run(gm: GraphModule, inputs: tuple) -> Any:
     """Run ``gm`` once, filling ``tensor_meta`` on every node on the way; return its outputs."""
     with torch.no_grad():
         return ShapeProp(gm).propagate(*inputs)
+
+
+def _require_deterministic(gm: GraphModule, inputs: tuple, outputs: Any) -> None:
+    """Raise :class:`PassError` unless ``gm`` gives exactly ``outputs`` on ``inputs`` again.
+
+    Asked when a pass fails its numeric check, before the failure is blamed on the pass:
+    a model whose outputs change from run to run (dropout in train mode) cannot be checked.
+    """
+    with torch.no_grad():
+        again = gm(*inputs)
+    ok, _, why = compare_outputs(outputs, again, 0.0, 0.0)
+    if not ok:
+        raise PassError(f"the model's outputs differ between two runs on the same inputs ({why}); "
+                        "numeric checks need a deterministic model: call model.eval()")
 
 
 # ---------------------------------------------------------------- the manager
@@ -286,12 +317,18 @@ class PassManager:
         """Run the passes on a deep copy of ``gm``; ``gm`` is never touched."""
         return self.run(gm)
 
-    def run(self, gm: GraphModule, *, copy_tensors: bool = True) -> ManagerResult:
+    def run(self, gm: GraphModule, *, copy_tensors: bool = True, outputs: Any = None) -> ManagerResult:
         """Run the passes over a copy of ``gm`` and return the result; ``gm`` is never touched.
 
         ``copy_tensors=False`` copies only the graph and module tree and lets the result
         share unchanged parameters with ``gm`` (passes never write to tensors; the manager
         checks that). :func:`hant.optimize` uses it on the copy it traced itself.
+
+        ``outputs``: ``gm``'s outputs on the check inputs when the caller already has them
+        (:func:`hant.optimize` gets them from tracing, which ran the graph to fill
+        ``tensor_meta``); the manager then does not run ``gm`` before the first pass. They
+        must come from ``gm`` itself on those very inputs: they are the reference every
+        pass is checked against.
         """
         if not isinstance(gm, GraphModule):
             raise PassError(f"PassManager takes a torch.fx.GraphModule, got {type(gm).__name__}; "
@@ -301,18 +338,17 @@ class PassManager:
         reference = original = None
         if self.check_inputs is not None or not _has_shapes(current):
             try:
-                first = _run(current, inputs)
+                known = outputs is not None and self.check_inputs is not None and _has_shapes(current)
+                first = outputs if known else _run(current, inputs)
             except Exception as exc:
                 raise InputError(f"the inputs do not run through the graph: {type(exc).__name__}: {exc}") from exc
             if self.check_inputs is not None:
                 reference = original = first
-                ok, _, why = compare_outputs(reference, _run(current, inputs), 0.0, 0.0)
-                if not ok:
-                    raise PassError(f"the model's outputs differ between two runs on the same inputs ({why}); "
-                                    "numeric checks need a deterministic model: call model.eval()")
 
         context = PassContext(cost=self.cost_model, check_inputs=self.check_inputs, rtol=self.rtol, atol=self.atol)
         passes = self._instances(context)
+        if reference is not None and not all(pass_.exact for pass_ in passes):
+            _require_deterministic(current, inputs, reference)
         report = PassReport(cost_model=getattr(self.cost_model, "name", "") if self.cost_model else "")
         seen_decisions: set[Decision] = set()
         cost_report = cost_first = self._cost(current)
@@ -355,7 +391,7 @@ class PassManager:
         row and the pass's decisions.
         """
         cost_before = cost_report.latency_s if cost_report is not None else None
-        work = _structural_copy(current)
+        work = _structural_copy(current, recompile=False)  # a pass that edits it recompiles it
         before_signature = _signature(current)
         versions = [(t, t._version) for t in _tensors(current)]
         first_decision = len(context.decisions)
@@ -392,6 +428,8 @@ class PassManager:
                     cost_after = self._cost(result_module)
             except Exception as exc:
                 failure = f"left a graph that does not run: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            if failure.startswith("broke numerics"):
+                _require_deterministic(current, inputs, reference)  # blame the pass only if the model is not to blame
         seconds = time.perf_counter() - start
 
         decisions = context.decisions[first_decision:]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from hant.graphs.trace import as_input_tuple, trace
+from hant.graphs.trace import as_input_tuple, trace_with_outputs
 from hant.passes.manager import PassManager, PassReport
 
 __all__ = ["optimize", "OptimizeResult"]
@@ -61,9 +61,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, passes: Any = "exac
     spec or object, or None.
     """
     inputs = as_input_tuple(example_inputs)
-    gm = trace(model, inputs)
+    gm, outputs = trace_with_outputs(model, inputs)
     manager = PassManager(passes, cost=cost, check=inputs if check else None, rtol=rtol, atol=atol,
                           fixed_point=fixed_point, max_iterations=max_iterations)
-    result = manager.run(gm, copy_tensors=False)  # gm is trace's own deep copy of the model
+    # gm is trace's own deep copy of the model; its outputs come from the tracing run
+    result = manager.run(gm, copy_tensors=False, outputs=outputs)
     return OptimizeResult(result.graph_module, result.report, result.cost_before, result.cost_after,
                           result.max_error)

@@ -68,15 +68,21 @@ def replace_with_module(gm: GraphModule, old: Node, module: nn.Module, args: tup
     return new
 
 
-def prune_unused(gm: GraphModule) -> GraphModule:
+def prune_unused(gm: GraphModule, *, edited: bool = True) -> GraphModule:
     """Erase dead nodes, then delete submodules, parameters and buffers no node uses; recompile.
 
     A parameter or buffer is used when a ``get_attr`` node names it or it belongs to a
     module a ``call_module`` node calls. Impure nodes (in-place ops, asserts) are kept by
     fx's own dead-code check.
+
+    ``edited=False`` tells that the caller has not changed the graph since ``gm`` was last
+    compiled: then the module is recompiled (and its graph linted) only when this call
+    removed something.
     """
-    gm.graph.eliminate_dead_code()
+    removed = gm.graph.eliminate_dead_code()
+    modules = sum(1 for _ in gm.modules())
     gm.delete_all_unused_submodules()
+    removed = removed or sum(1 for _ in gm.modules()) != modules
     fetched = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
@@ -87,8 +93,10 @@ def prune_unused(gm: GraphModule) -> GraphModule:
         owner = gm.get_submodule(owner_path) if owner_path else gm
         if hasattr(owner, attr):
             delattr(owner, attr)
-    gm.graph.lint()
-    gm.recompile()
+            removed = True
+    if edited or removed:
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 

@@ -11,7 +11,7 @@ from torchvision import models
 
 import hant
 from hant.cost_models import CostModelError, FlopsModel, RooflineModel, roofline_kind
-from hant.cost_models.roofline import DEVICE_PRESETS, local_cpu
+from hant.cost_models.roofline import DEVICE_PRESETS, _cpu_fma_lanes, local_cpu
 
 PRESETS = ("cpu", "a100", "h100", "jetson-orin", "raspi4")
 
@@ -45,6 +45,15 @@ def test_unknown_device_lists_the_presets():
         RooflineModel("tpu-v9")
     for name in PRESETS:
         assert name in str(err.value)
+
+
+def test_avx512_lanes_follow_the_datapath_width():
+    """Zen 4 (AMD family 25) runs AVX-512 on 256-bit FMA pipes: half the MACs per cycle of Intel or Zen 5."""
+    flags = {"avx512f", "avx2", "fma"}
+    assert _cpu_fma_lanes(flags, "GenuineIntel", 6)[0] == 32
+    assert _cpu_fma_lanes(flags, "AuthenticAMD", 25)[0] == 16
+    assert _cpu_fma_lanes(flags, "AuthenticAMD", 26)[0] == 32
+    assert _cpu_fma_lanes({"avx2", "fma"}, "AuthenticAMD", 25)[0] == 16
 
 
 def test_local_cpu_counts_the_threads_torch_will_use():

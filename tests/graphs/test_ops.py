@@ -221,3 +221,28 @@ def test_other_spellings_in_the_symbolic_form():
     assert (pool.kernel_size, pool.stride, pool.padding) == ((3, 3), (3, 3), (1, 1))
     assert isinstance(pool.module, nn.MaxPool2d) and pool.module is gm.get_submodule("pool")
     assert [op_kind(n) for n in nodes if n.op == "call_function" and n.target is operator.mul] == ["mul"]
+
+
+def test_module_of_finds_nested_layers_like_get_submodule():
+    from hant.graphs.ops import module_of
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Flatten())
+    gm = trace(model, torch.randn(1, 3, 6, 6))
+    for node in gm.graph.nodes:
+        expected = gm.get_submodule(node.target) if node.op == "call_module" else None
+        assert module_of(node) is expected
+
+
+def test_views_remember_answers_only_inside_graph_unchanged():
+    """Inside the block a view answers from its memo (a swapped module is not seen); outside, afresh."""
+    from hant.graphs.ops import graph_unchanged
+
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 6, 6))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    with graph_unchanged():
+        assert op_kind(node) == "conv"
+        gm.add_module(node.target, nn.ReLU())  # a change the block promised not to make
+        assert op_kind(node) == "conv" and conv_of(node) is conv_of(node)
+        with graph_unchanged():  # nested blocks share the outer memo
+            assert op_kind(node) == "conv"
+    assert op_kind(node) == "activation" and conv_of(node) is None

@@ -175,3 +175,16 @@ def test_user_model_is_untouched(method):
     assert traced.keys() == before.keys()
     for name, value in before.items():
         assert torch.equal(traced[name], value), f"traced {name} differs from the model's"
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_trace_with_outputs_returns_the_tracing_runs_outputs(method):
+    from hant.graphs.trace import trace_with_outputs
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(), 3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm, outputs = trace_with_outputs(model, x, method=method)
+    with torch.no_grad():
+        assert torch.equal(outputs, gm(x)) and max_rel_error(model(x), outputs) <= 1e-6
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if conv_of(n) is not None)

@@ -119,3 +119,14 @@ def test_cleanup_is_idempotent():
     once = cleanup(model, x).graph_module
     result = Cleanup()(once)
     assert not result.modified and result.graph_module.code == once.code
+
+
+def test_cleanup_that_finds_nothing_does_not_recompile():
+    torch.manual_seed(0)
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8))
+    forward = type(gm).forward
+    result = Cleanup()(gm)
+    assert not result.modified and type(result.graph_module).forward is forward
+    gm.add_module("unused", nn.Linear(2, 2))
+    result = Cleanup()(gm)
+    assert result.modified and not hasattr(gm, "unused") and type(gm).forward is not forward

@@ -125,6 +125,16 @@ def test_fusion_is_priced_and_rejected_when_the_split_costs_more():
     assert rejected.cost_after > rejected.cost_before
 
 
+def test_split_is_priced_as_a_copy_of_its_elements():
+    """MacCost prices a split as free (a view) but a concatenation by its elements: on a large
+    image, copying the fused output costs more than the two kernel launches the fusion saves."""
+    _, ctx, modified, _ = fuse(Inception(), torch.randn(1, 6, 64, 64))
+    (rejected,) = of(ctx, "not_cheaper")
+    assert not modified and rejected.cost_after > rejected.cost_before
+    _, ctx, modified, _ = fuse(Inception(), torch.randn(1, 6, 5, 5))
+    assert modified and of(ctx, "applied")
+
+
 def test_idempotent_and_leaves_no_unused_modules():
     torch.manual_seed(0)
     model = Inception().double()
@@ -141,6 +151,11 @@ def test_googlenet_inception_branches_fuse_under_the_exact_preset(dtype, tol):
     x = torch.randn(1, 3, 64, 64, dtype=dtype)
     result = PassManager("exact", cost=MacCost(), check=x, rtol=tol, atol=0.0)(hant.trace(model, x))
     assert not result.report.rolled_back, result.report
-    assert len(result.report.decisions_of("fuse_parallel", "applied")) == 9      # one per inception block
+    applied = result.report.decisions_of("fuse_parallel", "applied")
+    declined = result.report.decisions_of("fuse_parallel", "not_cheaper")
+    assert len(applied) + len(declined) == 9                                      # one per inception block
+    # the split copies the fused output: it pays on the small late stages, not on the 8x8 stage 3
+    assert {d.site.split("_")[0] for d in applied} == {"inception4a", "inception4b", "inception4c", "inception4d",
+                                                       "inception4e", "inception5a", "inception5b"}
     with torch.no_grad():
         assert output_error(model(x), result.graph_module(x)) <= tol

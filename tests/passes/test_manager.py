@@ -221,6 +221,55 @@ def test_nondeterministic_model_is_refused_with_advice(net_and_input):
         PassManager("fuse_bn", cost=None, check=x)(gm)
 
 
+def test_nondeterministic_model_is_refused_before_a_lossy_pass(net_and_input):
+    """A lossy pass's drift is reported, never checked: determinism is asked before it runs."""
+    model, x = net_and_input
+    gm = hant.trace(model, x)
+    gm.drop.train()
+    with pytest.raises(hant.PassError, match="model.eval"):
+        PassManager([LossyScaleFirstConv], cost=None, check=x)(gm)
+
+
+class CountsRuns(nn.Module):
+    """A leaf layer that logs its forward calls (in a list its structural copies share)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def forward(self, x):
+        self.log.append(1)
+        return x * 1.0
+
+
+def test_known_outputs_save_the_first_run_and_are_the_reference(net_and_input):
+    model, x = net_and_input
+    gm = hant.trace(nn.Sequential(model, CountsRuns()), x, leaf_modules=[CountsRuns])
+    log = gm.get_submodule("1").log
+    with torch.no_grad():
+        outputs = gm(x)
+    runs = len(log)
+    result = PassManager("fuse_bn", cost=None, check=x).run(gm, copy_tensors=False, outputs=outputs)
+    assert len(log) == runs + 1           # only the check after fuse_bn
+    assert result.max_error is not None and result.max_error <= 1e-5
+    PassManager("fuse_bn", cost=None, check=x).run(gm, copy_tensors=False)
+    assert len(log) == runs + 3           # without them: a run for the reference first
+    with pytest.raises(hant.PassError, match="differ between two runs"):  # outputs gm does not reproduce
+        PassManager("fuse_bn", cost=None, check=x).run(gm, copy_tensors=False, outputs=outputs * 2)
+
+
+def test_pass_copies_run_before_they_are_recompiled(net_and_input):
+    from hant.passes.manager import _structural_copy
+
+    model, x = net_and_input
+    gm = hant.trace(model, x)
+    copy = _structural_copy(gm, recompile=False)
+    assert copy.graph is not gm.graph and copy.graph.owning_module is copy
+    assert torch.equal(copy(x), gm(x))
+    prune_unused(copy)  # an edit recompiles the copy only
+    assert torch.equal(copy(x), gm(x)) and type(copy).forward is not type(gm).forward
+
+
 def test_unknown_pass_and_bad_arguments_raise_pass_error():
     with pytest.raises(hant.PassError, match="fuse_bn"):
         PassManager("no_such_pass")
