@@ -16,8 +16,8 @@ from torch.fx import GraphModule, Node
 from hant.errors import CostModelError
 from hant.graphs.ops import graph_unchanged, module_of, op_kind, output_shape
 
-__all__ = ["Cost", "CostRow", "CostReport", "CostModel", "NodeSumCostModel", "register", "get", "available",
-           "COMPUTE_SKIP_KINDS"]
+__all__ = ["Cost", "CostRow", "CostReport", "CostModel", "NodeSumCostModel", "GraphPricedModel", "target_name",
+           "register", "get", "available", "COMPUTE_SKIP_KINDS"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,9 @@ class CostModel(Protocol):
 COMPUTE_SKIP_KINDS = frozenset({"placeholder", "output", "get_attr"})
 
 
-def _target_name(node: Node) -> str:
+def target_name(node: Node) -> str:
+    """A readable name of what ``node`` calls: the module class, ``Tensor.method``, the
+    function's name or ``aten.op``."""
     if node.op == "call_module":
         return type(module_of(node)).__name__
     if node.op == "call_method":
@@ -128,13 +130,38 @@ class NodeSumCostModel:
 
     def row(self, node: Node) -> CostRow:
         shape = output_shape(node)
-        return CostRow(node.name, op_kind(node), _target_name(node), _input_shapes(node),
+        return CostRow(node.name, op_kind(node), target_name(node), _input_shapes(node),
                        tuple(shape) if shape is not None else None, self.node_cost(node))
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
         with graph_unchanged():  # each node is classified once, however many views ask
             rows = [self.row(n) for n in gm.graph.nodes if n.op not in COMPUTE_SKIP_KINDS]
         return CostReport.from_rows(self.name, rows)
+
+
+class GraphPricedModel:
+    """Base for models that price a graph as a whole (a node's cost depends on its neighbours).
+
+    Subclasses set ``name`` and implement ``graph_cost``; ``node_cost`` is the node's row in
+    its own graph's report, computed once per graph state (module, graph and node names) and
+    reused until the graph changes.
+    """
+    name = "abstract"
+
+    def graph_cost(self, gm: GraphModule) -> CostReport:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def node_cost(self, node: Node) -> Cost:
+        gm = node.graph.owning_module
+        key = (id(gm), id(node.graph), tuple(n.name for n in node.graph.nodes))
+        cached = getattr(self, "_node_costs", None)
+        if cached is None or cached[0] != key:
+            cached = (key, {r.node: r.cost for r in self.graph_cost(gm).rows})
+            self._node_costs = cached
+        cost = cached[1].get(node.name)
+        if cost is None:
+            raise CostModelError(f"node {node.name!r} is not a compute node; it has no cost")
+        return cost
 
 
 _FACTORIES: dict[str, tuple[Callable[[str | None], CostModel], str]] = {}

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from hant.cost_models.base import COMPUTE_SKIP_KINDS, Cost, CostReport, CostRow, NodeSumCostModel, register
-from hant.cost_models.base import _target_name
+from hant.cost_models.base import target_name
 from hant.cost_models.flops import FlopsModel
 from hant.cost_models.roofline import roofline_kind
 from hant.cost_models.store import LatencyStore, canonical_json
@@ -112,7 +112,7 @@ def _generic_attrs(node: Node) -> dict:
     swap = lambda a: f"${inputs.index(a)}" if isinstance(a, Node) else a  # noqa: E731
     args = torch.fx.node.map_aggregate(node.args, swap)
     kwargs = torch.fx.node.map_aggregate(dict(node.kwargs), swap)
-    attrs = dict(op=node.op, target=_target_name(node), args=args, kwargs=kwargs)
+    attrs = dict(op=node.op, target=target_name(node), args=args, kwargs=kwargs)
     if node.op == "call_module":
         attrs["module"] = node.graph.owning_module.get_submodule(node.target).extra_repr()
     return attrs
@@ -158,7 +158,7 @@ def graph_key(gm: GraphModule) -> str:
     entries = []
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
-        what = op_signature(node) or dict(op=node.op, target=_target_name(node), shape=_shape(node))
+        what = op_signature(node) or dict(op=node.op, target=target_name(node), shape=_shape(node))
         entries.append([what, [index[a] for a in node.all_input_nodes]])
     return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
 

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 
 from hant.errors import CostModelError
 from hant.graphs.ops import (
-    activation_of, add_of, conv_of, linear_of, module_of, mul_of, op_kind, output_shape, pool_of, tensor_meta,
+    activation_of, conv_of, linear_of, mul_of, op_kind, output_shape, pool_of, tensor_meta,
 )
 
 __all__ = ["KINDS", "FEATURE_NAMES", "FEATURE_VERSION", "GraphFeatures", "local_features", "finish", "featurize",

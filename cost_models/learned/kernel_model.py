@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from hant.cost_models.base import Cost, CostReport, CostRow
+from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel
 from hant.cost_models.learned.kernels import KERNEL_FEATURES, _bytes, _extract, extract_kernels, kernel_macs, kernel_rows
 from hant.errors import CostModelError
 
@@ -204,7 +204,7 @@ def train_kernels(configs: list[dict], latency_s, *, config: dict | None = None,
     return KernelPredictor(net, cfg, torch.from_numpy(mean), torch.from_numpy(std), y_mean, y_std, metadata=meta)
 
 
-class KernelCostModel:
+class KernelCostModel(GraphPricedModel):
     """``learned:PATH`` for a kernel predictor file: see the module docstring.
 
     ``node_cost`` is a node's share within its own graph (its kernel's latency on the kernel's
@@ -213,7 +213,6 @@ class KernelCostModel:
 
     def __init__(self, predictor: KernelPredictor, name: str = "learned"):
         self.predictor, self.name = predictor, name
-        self._cache: tuple | None = None
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
         kernels, facts = _extract(gm)
@@ -245,14 +244,4 @@ class KernelCostModel:
                  f"{(total - rows_s) * 1e3:.4g} ms of per-network overhead"]
         return CostReport(self.name, rows, Cost(total, macs, read, written, params), notes)
 
-    def node_cost(self, node) -> Cost:
-        gm = node.graph.owning_module
-        key = (id(gm), id(node.graph), tuple(n.name for n in node.graph.nodes))
-        if self._cache is None or self._cache[0] != key:
-            report = self.graph_cost(gm)
-            self._cache = (key, {r.node: r.cost for r in report.rows})
-        cost = self._cache[1].get(node.name)
-        if cost is None:
-            raise CostModelError(f"node {node.name!r} is not a compute node; it has no cost")
-        return cost
 

@@ -163,10 +163,10 @@ def node_facts(node: Node) -> tuple[tuple, str, str]:
     hit = _CACHE.get(node)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    from hant.cost_models.base import _target_name
+    from hant.cost_models.base import target_name
 
     kind = op_kind(node)
-    facts = (_describe(node, kind), kind, _target_name(node))
+    facts = (_describe(node, kind), kind, target_name(node))
     _CACHE[node] = (stamp, facts)
     return facts
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from hant.cost_models.base import CostReport, register
+from hant.cost_models.base import CostReport, GraphPricedModel, register
 from hant.cost_models.learned.features import FEATURE_NAMES, FEATURE_VERSION, GraphFeatures, batch_graphs, featurize
 from hant.cost_models.learned.gnn import GraphNet, compress
 from hant.cost_models.learned.perop import FUSION_PROFILES, PerOpNet, group_features
@@ -155,7 +155,7 @@ class Predictor:
                                  "train it again") from exc
 
 
-class LearnedCostModel:
+class LearnedCostModel(GraphPricedModel):
     """``learned:PATH``: a trained predictor as a cost model.
 
     ``graph_cost`` featurises the graph and reports each node's share of the predicted
@@ -169,7 +169,6 @@ class LearnedCostModel:
         from hant.cost_models.flops import FlopsModel
         self.predictor, self.name = predictor, name
         self._counts = FlopsModel()
-        self._cache: tuple | None = None
 
     def graph_cost(self, gm) -> CostReport:
         graph = featurize(gm)
@@ -187,16 +186,6 @@ class LearnedCostModel:
                  f"{(total - report.rows_latency_s) * 1e3:.4g} ms not tied to any node"]
         return CostReport(self.name, report.rows, replace(report.total, latency_s=total), notes)
 
-    def node_cost(self, node):
-        gm = node.graph.owning_module
-        key = (id(gm), id(node.graph), tuple(n.name for n in node.graph.nodes))
-        if self._cache is None or self._cache[0] != key:
-            report = self.graph_cost(gm)
-            self._cache = (key, {r.node: r.cost for r in report.rows})
-        cost = self._cache[1].get(node.name)
-        if cost is None:
-            raise CostModelError(f"node {node.name!r} is not a compute node; it has no cost")
-        return cost
 
 
 _LOADED: dict[tuple[str, float], Predictor] = {}

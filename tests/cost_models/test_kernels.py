@@ -19,7 +19,7 @@ from hant.cost_models.learned.kernels import (
 from hant.cost_models.store import LatencyStore, RuntimeKey, Spread
 from hant.graphs.trace import propagate_shapes
 
-from tests.helpers import randomize_bn
+from tests.helpers import TwoBranches, randomize_bn
 
 
 def _trace(model, size=64):
@@ -168,20 +168,6 @@ def test_learned_kernel_file_round_trip_and_node_order(predictor, tmp_path):
     assert report.rows_latency_s > 0 and len(report.rows) == len(
         [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")])
     assert model.node_cost(next(n for n in gm.graph.nodes if n.name == "conv1")).latency_s > 0
-
-    class TwoBranches(nn.Module):
-        def __init__(self, swap):
-            super().__init__()
-            self.swap = swap
-            self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
-
-        def forward(self, x):
-            if self.swap:
-                b = self.b(x)
-                return self.a(x) + b
-            a = self.a(x)
-            return a + self.b(x)
 
     x = torch.randn(1, 3, 16, 16)
     first, second = hant.trace(TwoBranches(False).eval(), x), hant.trace(TwoBranches(True).eval(), x)

@@ -15,6 +15,7 @@ from hant.cost_models.learned import data_path, featurize, fit_table, train
 from hant.cost_models.learned.nb201 import family
 from hant.cost_models.learned.perop import group_nodes
 from hant.cost_models.learned.predictor import Predictor
+from tests.helpers import TwoBranches
 
 FAST = {"steps": 30}
 SLICE_ROWS = 60
@@ -106,20 +107,6 @@ def test_prediction_is_invariant_to_node_order(kind):
 
 def test_prediction_is_invariant_to_graph_node_order():
     """Two fx graphs of the same network whose nodes are listed in different orders."""
-    class TwoBranches(nn.Module):
-        def __init__(self, swap):
-            super().__init__()
-            self.swap = swap
-            self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
-
-        def forward(self, x):
-            if self.swap:
-                b = self.b(x)
-                return self.a(x) + b
-            a = self.a(x)
-            return a + self.b(x)
-
     torch.manual_seed(0)
     first = TwoBranches(False)
     second = TwoBranches(True)
