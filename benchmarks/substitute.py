@@ -8,12 +8,14 @@ Writes ``benchmarks/results/substitute.md`` (and a Pareto PNG per teacher):
 * the integer-program timing: 100 sites x 200 candidates, median of several solves.
 
     python benchmarks/substitute.py                 # full run (~40 min on 2 shared cores)
+    python benchmarks/substitute.py --store runs/x/latency.db   # re-price every site in a fresh store
     python benchmarks/substitute.py --quick         # a few candidates, few steps: minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import sys
@@ -104,6 +106,16 @@ def _row(label: str, s, teacher_s: float, teacher_acc: float) -> str:
             f"{sum(c != 'teacher' for c in s.choice.values())}/{len(s.choice)} |")
 
 
+def _finetune_dir(run_dir: str, choice: dict[str, str], args) -> str:
+    """The checkpoint folder of one student's fine-tuning, named by its settings and its choice per site.
+
+    A rerun with other settings, or other site prices (hence other students), never meets
+    a checkpoint of a different student; a rerun of the same resumes it.
+    """
+    digest = hashlib.sha256(repr(sorted(choice.items())).encode()).hexdigest()[:12]
+    return os.path.join(run_dir, "finetune", f"e{args.finetune_epochs}_lr{args.finetune_lr:g}_a{args.alpha:g}_{digest}")
+
+
 def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
     """Distil once, select by both scores at every budget, fine-tune every student, time them all."""
     teacher = digits.teacher(name, progress=False)
@@ -140,7 +152,7 @@ def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
                     ft_loader, _ = digits.loaders(64, shift=args.shift)
                     finetune(student, teacher, ft_loader, epochs=args.finetune_epochs, lr=args.finetune_lr,
                              alpha=args.alpha, progress=False,
-                             checkpoint_dir=os.path.join(run_dir, "finetune", f"s{len(students)}"))
+                             checkpoint_dir=_finetune_dir(run_dir, solution.choice, args))
                 students[key] = (student, before, evaluate(student), f"s{len(students)}")
             student, before, after, label = students[key]
             solution.accuracy_before_finetune, solution.accuracy = before, after
@@ -192,6 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scores", default="distill,replace_one")
     parser.add_argument("--select", default=",".join(SELECT), help="candidate name patterns (default: a subset)")
     parser.add_argument("--cost", default="measured:cpu-onnxruntime")
+    parser.add_argument("--store", default=None,
+                        help="latency store file for a measured --cost (appended as ,db=PATH); the run directory "
+                             "caches site prices per cost spec, so a new store re-prices every site")
     parser.add_argument("--prune-above", type=float, default=0.7,
                         help="skip training candidates priced at or above this fraction of the teacher's block")
     parser.add_argument("--steps", type=int, default=300)
@@ -200,8 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shift", type=int, default=2, help="augmentation: random translation in pixels")
     parser.add_argument("--calibration-passes", type=int, default=1)
     parser.add_argument("--score-images", type=int, default=512)
-    parser.add_argument("--finetune-epochs", type=int, default=12)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-epochs", type=int, default=30)
+    parser.add_argument("--finetune-lr", type=float, default=2e-3)
     parser.add_argument("--alpha", type=float, default=0.5, help="KD weight; 1 - alpha on the labels")
     parser.add_argument("--no-score-agreement", dest="score_agreement", action="store_false",
                         help="skip ranking every candidate by its single-swap test accuracy")
@@ -215,6 +230,10 @@ def main(argv=None) -> int:
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.scores = args.scores.split(",")
     args.select = args.select.split(",")
+    if args.store is not None:
+        if not args.cost.startswith("measured"):
+            parser.error("--store needs a measured --cost")
+        args.cost = f"{args.cost}{',' if ':' in args.cost else ':cpu-onnxruntime,'}db={args.store}"
     if args.quick:
         args.select = ["identity", "conv_k[13]_relu", "dws_k3_relu", "ir_k3_e1_relu", "svd_r25"]
         args.steps, args.runs = min(args.steps, 40), min(args.runs, 50)
