@@ -5,6 +5,9 @@
 2. **Pricing**: each candidate is priced at its site by the target's cost model (after
    exact folding, as it would be deployed). A candidate no faster than the teacher's own
    block is dominated (the teacher scores 0 and is faster) and, by default, never trained.
+   The whole teacher is priced too: the rest of the network is a fixed cost, and when the
+   sites priced alone add up to more than the whole, every site price is scaled down to
+   agree with it (a student is predicted as the rest plus its sites).
 3. **Distillation** (:mod:`hant.passes.site_distill`): every remaining candidate of every
    site learns to map the teacher's site input to the teacher's site output; the final
    normalised MSE is its ``distill`` score (the teacher itself scores 0). Resumable and
@@ -217,7 +220,7 @@ class SiteOption:
 
 @dataclass
 class BudgetSolution:
-    budget: float                  # fraction of the teacher's predicted latency
+    budget: float                  # fraction of the teacher's latency under the cost model
     choice: dict[str, str]         # site -> candidate
     predicted_latency_s: float
     total_score: float
@@ -587,9 +590,17 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
         teacher_sites += options[site.name][TEACHER].latency_s
     deployed_teacher = PassManager("exact", cost=None, check=None)(gm).graph_module
     whole_teacher = float(cost_model.graph_cost(deployed_teacher).latency_s)
-    fixed = max(whole_teacher - teacher_sites, 0.0)
-    # budgets are fractions of the teacher as this model predicts it (sites + the rest), so
-    # that a budget of 1.0 always admits the teacher itself
+    if teacher_sites > whole_teacher > 0:
+        # Sites priced alone can add up to more than the whole teacher (a runtime shares per-kernel
+        # work, such as layout reorders, across a graph that it repeats for each site alone): scale
+        # every site price so that the teacher's sites and the whole teacher agree.
+        for site_options in options.values():
+            for option in site_options.values():
+                option.latency_s *= whole_teacher / teacher_sites
+        teacher_sites = whole_teacher
+    fixed = whole_teacher - teacher_sites
+    # budgets are fractions of the whole teacher under the cost model (sites + the rest); the
+    # teacher is predicted at exactly that, so a budget of 1.0 always admits the teacher itself
     teacher_latency = fixed + teacher_sites
 
     result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model,

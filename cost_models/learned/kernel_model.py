@@ -34,6 +34,7 @@ from torch.fx import GraphModule
 from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel
 from hant.cost_models.learned.kernels import KERNEL_FEATURES, _bytes, _extract, extract_kernels, kernel_macs, kernel_rows
 from hant.errors import CostModelError
+from hant.graphs.ops import graph_unchanged
 
 __all__ = ["KernelNet", "KernelPredictor", "KernelCostModel", "train_kernels", "KERNEL_CONFIG"]
 
@@ -215,7 +216,8 @@ class KernelCostModel(GraphPricedModel):
         self.predictor, self.name = predictor, name
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
-        kernels, facts = _extract(gm)
+        with graph_unchanged():   # a read-only walk: each node is classified once
+            kernels, facts = _extract(gm)
         seconds = self.predictor.kernel_seconds(kernel_rows(k.config for k in kernels))
         a, b, _ = self.predictor.calibration
         by_anchor = {k.anchor: (k, a * s + b) for k, s in zip(kernels, seconds)}

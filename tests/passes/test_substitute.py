@@ -196,6 +196,31 @@ class _MacsAsLatency:
 hant.cost_models.register("flops_latency_test", lambda arg: _MacsAsLatency())
 
 
+class _SharedWork(_MacsAsLatency):
+    """MACs plus a cost that grows slower than the node count: parts priced alone add up to
+    more than the whole, as sites timed alone do on a real runtime."""
+    name = "shared_work_test"
+
+    def graph_cost(self, gm):
+        report = self.flops.graph_cost(gm)
+        return report.with_total_latency(float(report.total.macs) + 1e4 * len(report.rows) ** 0.5)
+
+
+hant.cost_models.register("shared_work_test", lambda arg: _SharedWork())
+
+
+def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tmp_path):
+    from hant.passes import PassManager
+    teacher, x = _tiny(), torch.randn(1, 1, 12, 12)
+    result = substitute(teacher, x, _batches(), budget=1.0, cost="shared_work_test", candidates=["identity"],
+                        run_dir=tmp_path, steps=2, show_progress=False)
+    whole = _SharedWork().graph_cost(PassManager("exact", cost=None, check=None)(hant.trace(teacher, x)).graph_module)
+    alone = sum(result.options[s.name]["teacher"].latency_s for s in result.sites)
+    assert result.teacher_latency_s == pytest.approx(whole.latency_s, rel=1e-9)
+    assert result.fixed_latency_s == pytest.approx(0.0, abs=1e-6) and alone == pytest.approx(whole.latency_s, rel=1e-9)
+    assert result.solve(1.0).choice == {s.name: "teacher" for s in result.sites}
+
+
 def test_budget_one_keeps_the_teacher(tiny_result):
     solution = next(s for s in tiny_result.solutions if s.budget == 1.0)
     assert set(solution.choice.values()) == {TEACHER}
