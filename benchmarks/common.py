@@ -17,28 +17,45 @@ import torch.nn as nn
 
 from hant.graphs.export import export_onnx
 
-__all__ = ["interleaved_medians", "ort_session", "environment_line"]
+__all__ = ["interleaved_rounds", "interleaved_medians", "ort_session", "environment_line"]
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in rounds A B C A B C ... after warm-up."""
+def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, warmup: int,
+                       calls_per_round: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each function, timed in rounds A B C A B C ... after ``warmup`` calls of each.
+
+    Each round times ``calls_per_round`` consecutive calls of each function, one sample per call.
+    Returns ``{"wall": {name: samples}, "cpu": {name: samples}}`` (cpu: this thread's CPU time,
+    which other jobs on a shared machine disturb much less than the wall clock).
+    """
     for _ in range(warmup):
         for fn in functions.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in functions}
+    wall: dict[str, list[float]] = {name: [] for name in functions}
+    cpu: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(runs):
         for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            for _ in range(calls_per_round):
+                start_cpu, start = time.thread_time(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.thread_time() - start_cpu)
+    return {"wall": wall, "cpu": cpu}
+
+
+def interleaved_medians(functions: dict[str, Callable[[], object]], runs: int, warmup: int,
+                        calls_per_round: int = 1) -> dict[str, float]:
+    """Median wall seconds per call of each function, timed as :func:`interleaved_rounds` does."""
+    wall = interleaved_rounds(functions, runs, warmup, calls_per_round)["wall"]
+    return {name: statistics.median(t) for name, t in wall.items()}
 
 
 def ort_session(module: nn.Module, x: torch.Tensor, threads: int, folder: str, name: str) -> Callable[[], object]:
-    """Export ``module`` (checked against onnxruntime) and return a zero-argument runner of its session."""
+    """Export ``module`` in eval mode (checked against onnxruntime) and return a zero-argument runner of
+    its session (``threads`` intra-op threads, one inter-op thread)."""
     import onnxruntime as ort
 
-    path = export_onnx(module, x, os.path.join(folder, f"{name}.onnx")).path
+    path = export_onnx(module.eval(), x, os.path.join(folder, f"{name}.onnx")).path
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -49,7 +48,7 @@ import hant
 from hant.tools.testing import randomize_bn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ort_session  # noqa: E402
+from common import interleaved_rounds, ort_session  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -91,23 +90,6 @@ def repvgg_single_branch() -> nn.Module:
 
 
 # ------------------------------------------------------------ timing
-
-def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict:
-    """Seconds per call of each function in rounds A B C A B C ... after warm-up:
-    ``{"wall": {name: [per round]}, "cpu": {name: [per round]}}`` (cpu: this thread's CPU time)."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in functions}
-    cpu: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(runs):
-        for name, fn in functions.items():
-            start_cpu, start = time.thread_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.thread_time() - start_cpu)
-    return {"wall": wall, "cpu": cpu}
-
 
 def ratio_stats(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios ``numerator / denominator``."""

@@ -24,7 +24,7 @@ import argparse
 import copy
 import itertools
 import os
-import statistics
+import sys
 import tempfile
 import time
 
@@ -34,9 +34,11 @@ from tabulate import tabulate
 
 import hant
 from hant.cost_models import get as get_cost_model
-from hant.graphs.export import export_onnx
 from hant.passes.remove_nonlinearity import fold_chains
 from hant.tools import digits
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_medians, ort_session  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "linearize.md")
 # The target's runtime prices every unit (whole folded graph, measured). Its own store: a
@@ -53,29 +55,9 @@ def linearize_or_report(teacher, example, calib, mode: str, target: float, cost)
         return None
 
 
-def ort_session(module: torch.nn.Module, example: torch.Tensor, path: str) -> ort.InferenceSession:
-    export_onnx(module.eval(), example, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def time_interleaved(sessions: dict[str, ort.InferenceSession], example: torch.Tensor, rounds: int,
-                     runs: int) -> dict[str, float]:
-    """Median seconds per run of each session, timed round robin."""
-    feed = {name: {s.get_inputs()[0].name: example.numpy()} for name, s in sessions.items()}
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, s in sessions.items():          # warm-up
-        for _ in range(5):
-            s.run(None, feed[name])
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feed[name])
-                samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in samples.items()}
+def time_interleaved(runners: dict, rounds: int, runs: int) -> dict[str, float]:
+    """Median seconds per run of each onnxruntime runner: ``rounds`` round-robin rounds of ``runs`` calls each."""
+    return interleaved_medians(runners, rounds, warmup=5, calls_per_round=runs)
 
 
 def digits_table(args, cost, tmp: str) -> tuple[str, str]:
@@ -85,7 +67,7 @@ def digits_table(args, cost, tmp: str) -> tuple[str, str]:
     example = data.test_x[:1]
     calib = [data.train_x[:128]]
     acc_teacher = digits.evaluate(teacher, test)
-    sessions = {"teacher": ort_session(teacher, example, os.path.join(tmp, "teacher.onnx"))}
+    sessions = {"teacher": ort_session(teacher, example, 1, tmp, "teacher")}
     rows, greedy_rows = [], []
     order_wins = {"before": 0, "after": 0}
     results: dict[tuple[str, float], object] = {}
@@ -114,7 +96,7 @@ def digits_table(args, cost, tmp: str) -> tuple[str, str]:
               f"{acc_lin:.4f}, tune-then-merge {accs['before'][0]:.4f}, merge-then-tune {accs['after'][0]:.4f}, "
               f"cost model final/baseline {rep.final_latency_s / rep.baseline_latency_s:.3f}", flush=True)
         name = f"{mode} {target:.2f}"
-        sessions[name] = ort_session(accs[best][1], example, os.path.join(tmp, f"{mode}{target}.onnx"))
+        sessions[name] = ort_session(accs[best][1], example, 1, tmp, f"{mode}{target}")
         units = "; ".join("+".join(u.activations) for u in rep.chosen)
         rows.append([name, len(rep.chosen), len(res.removed), units, f"{100 * acc_lin:.1f}",
                      f"{100 * accs['before'][0]:.1f}", f"{100 * accs['after'][0]:.1f}",
@@ -129,7 +111,7 @@ def digits_table(args, cost, tmp: str) -> tuple[str, str]:
                             f"{ilp.report.final_latency_s / ilp.report.baseline_latency_s:.2f}",
                             f"{greedy.report.final_latency_s / greedy.report.baseline_latency_s:.2f}",
                             f"{ilp_s:.0f}", f"{greedy_s:.0f}"])
-    lat = time_interleaved(sessions, example, args.rounds, args.runs)
+    lat = time_interleaved(sessions, args.rounds, args.runs)
     table = [["teacher", 0, 0, "", f"{100 * acc_teacher:.1f}", "", "", "1.00", "1.00", "",
               f"{lat['teacher'] * 1e6:.0f}", "1.00"]]
     for row in rows:
@@ -170,7 +152,7 @@ def focused_table(args, cost, tmp: str) -> str:
     example = data.test_x[:1]
     calib = [data.train_x[:128]]
     acc_teacher = digits.evaluate(teacher, test)
-    sessions = {"teacher": ort_session(teacher, example, os.path.join(tmp, "teacher.onnx"))}
+    sessions = {"teacher": ort_session(teacher, example, 1, tmp, "teacher")}
     rows = []
     configs = [("ilp", t) for t in args.targets] + [("greedy", t) for t in args.greedy_targets]
     for mode, target in configs:
@@ -199,13 +181,13 @@ def focused_table(args, cost, tmp: str) -> str:
             name = f"{mode} {_target_name(target)} {order} e{epochs} seed {seed}"
             print(f"{name}: accuracy {acc:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
             if not args.train_only:
-                sessions[name] = ort_session(student, example, os.path.join(tmp, f"{tag}.onnx"))
+                sessions[name] = ort_session(student, example, 1, tmp, f"{tag}")
             rows.append([_target_name(target), mode, {"before": "tune, then merge", "after": "merge, then tune"}[order],
                          epochs, seed, len(res.removed), f"{100 * acc_lin:.1f}", f"{100 * acc:.1f}",
                          f"{100 * (acc - acc_teacher):+.1f}", name])
     if args.train_only:
         return ""
-    lat = time_interleaved(sessions, example, args.rounds, args.runs)
+    lat = time_interleaved(sessions, args.rounds, args.runs)
     table = [["1.00", "teacher", "", "", "", 0, "", f"{100 * acc_teacher:.1f}", "",
               f"{lat['teacher'] * 1e6:.0f}", "1.00"]]
     for *row, name in rows:
@@ -221,7 +203,7 @@ def torchvision_table(args, cost, tmp: str) -> str:
     model = mobilenet_v2().eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     calib = [torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))]
-    sessions = {"mobilenet_v2": ort_session(model, x, os.path.join(tmp, "mnv2.onnx"))}
+    sessions = {"mobilenet_v2": ort_session(model, x, 1, tmp, "mnv2")}
     removed = {}
     for target in args.tv_targets:
         try:
@@ -231,14 +213,14 @@ def torchvision_table(args, cost, tmp: str) -> str:
             continue
         rep = res.report
         name = f"target {target:.2f}"
-        sessions[name] = ort_session(res.module, x, os.path.join(tmp, f"mnv2_{target}.onnx"))
+        sessions[name] = ort_session(res.module, x, 1, tmp, f"mnv2_{target}")
         useful = sum(u.gain_s > 0 for u in rep.units)
         removed[name] = (len(res.removed), f"{useful} / {len(rep.units)}", rep.predicted_latency_s /
                          rep.baseline_latency_s, rep.final_latency_s / rep.baseline_latency_s)
         print(f"mobilenet_v2 target {target}: {len(res.removed)} removed; units with gain: {useful}/{len(rep.units)}; "
               f"best units: {sorted(((round(u.gain_s * 1e6), u.activations) for u in rep.units), reverse=True)[:5]}",
               flush=True)
-    lat = time_interleaved(sessions, x, max(2, args.rounds // 2), max(5, args.runs // 4))
+    lat = time_interleaved(sessions, max(2, args.rounds // 2), max(5, args.runs // 4))
     rows = [["mobilenet_v2", 0, "", "1.00", "1.00", f"{lat['mobilenet_v2'] * 1e3:.2f}", "1.00"]]
     for name, (n, units, pred, final) in removed.items():
         rows.append([name, n, units, f"{pred:.2f}", f"{final:.2f}", f"{lat[name] * 1e3:.2f}",

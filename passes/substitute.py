@@ -136,15 +136,21 @@ def find_sites(gm: GraphModule, names: Sequence[str] | None = None) -> list[Site
 
 # ---------------------------------------------------------------- graph surgery
 
-def _observer(gm: GraphModule, sites: Sequence[Site]) -> GraphModule:
-    """A module sharing ``gm``'s weights whose output is ``{site: (input, output)}``."""
+def _reading(gm: GraphModule, pick: Callable[[dict[str, Node], Node], Any], name: str) -> GraphModule:
+    """A module sharing ``gm``'s weights whose output is ``pick(nodes by name, gm's output value)``."""
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
-        graph.output({s.name: (by_name[s.region.entry], by_name[s.region.exit]) for s in sites})
+        graph.output(pick(by_name, output.args[0]))
     graph.erase_node(output)
-    return GraphModule(gm, graph, "SiteObserver")
+    return GraphModule(gm, graph, name)
+
+
+def _observer(gm: GraphModule, sites: Sequence[Site]) -> GraphModule:
+    """A module sharing ``gm``'s weights whose output is ``{site: (input, output)}``."""
+    return _reading(gm, lambda by_name, _: {s.name: (by_name[s.region.entry], by_name[s.region.exit]) for s in sites},
+                    "SiteObserver")
 
 
 def _replace_region(gm: GraphModule, site: Site, module: nn.Module, label: str,
@@ -374,13 +380,7 @@ def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], 
 
 def _probe(gm: GraphModule, names: Sequence[str]) -> GraphModule:
     """A module sharing ``gm``'s weights whose output is ``(tuple of the named nodes' values, gm's output)``."""
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    output = next(n for n in graph.nodes if n.op == "output")
-    with graph.inserting_before(output):
-        graph.output((tuple(by_name[n] for n in names), output.args[0]))
-    graph.erase_node(output)
-    return GraphModule(gm, graph, "Probe")
+    return _reading(gm, lambda by_name, output: (tuple(by_name[n] for n in names), output), "Probe")
 
 
 def _tail(gm: GraphModule, site: Site) -> tuple[GraphModule, list[str]]:

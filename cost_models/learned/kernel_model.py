@@ -32,7 +32,9 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel
-from hant.cost_models.learned.kernels import KERNEL_FEATURES, _bytes, _extract, extract_kernels, kernel_macs, kernel_rows
+from hant.cost_models.learned.kernels import (
+    KERNEL_FEATURES, extract_kernels, kernel_bytes, kernel_macs, kernel_rows, kernels_and_facts,
+)
 from hant.errors import CostModelError
 from hant.graphs.ops import graph_unchanged
 
@@ -217,7 +219,7 @@ class KernelCostModel(GraphPricedModel):
 
     def graph_cost(self, gm: GraphModule) -> CostReport:
         with graph_unchanged():   # a read-only walk: each node is classified once
-            kernels, facts = _extract(gm)
+            kernels, facts = kernels_and_facts(gm)
         seconds = self.predictor.kernel_seconds(kernel_rows(k.config for k in kernels))
         a, b, _ = self.predictor.calibration
         by_anchor = {k.anchor: (k, a * s + b) for k, s in zip(kernels, seconds)}
@@ -231,7 +233,7 @@ class KernelCostModel(GraphPricedModel):
                 cost = empty
             else:
                 kernel, latency = hit
-                in_b, out_b, w_b = _bytes(kernel.config)
+                in_b, out_b, w_b = kernel_bytes(kernel.config)
                 cost = Cost(latency, kernel_macs(kernel.config), 4 * (in_b + w_b), 4 * out_b, w_b)
             _, kind, target = facts[node]
             shape = getattr(node.meta.get("tensor_meta"), "shape", None)

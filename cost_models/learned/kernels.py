@@ -45,9 +45,9 @@ from hant.graphs.ops import (
     tensor_meta,
 )
 
-__all__ = ["KERNEL_TYPES", "KERNEL_ACTIVATIONS", "KERNEL_FEATURES", "Kernel", "extract_kernels", "kernel_row",
-           "kernel_rows", "node_facts", "sample_kernel", "sampled_kernels", "build_kernel", "kernel_signature", "kernel_macs", "profile_kernels",
-           "KERNEL_TIMING"]
+__all__ = ["KERNEL_TYPES", "KERNEL_ACTIVATIONS", "KERNEL_FEATURES", "KERNEL_TIMING", "Kernel", "extract_kernels",
+           "kernels_and_facts", "kernel_row", "kernel_rows", "node_facts", "sample_kernel", "sampled_kernels",
+           "build_kernel", "kernel_signature", "kernel_macs", "kernel_bytes", "profile_kernels"]
 
 KERNEL_TYPES = ("conv", "linear", "pool_max", "pool_avg", "pool_global", "add", "mul", "act", "bn", "cat", "copy")
 KERNEL_ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu", "sigmoid", "hardsigmoid", "other")
@@ -211,11 +211,11 @@ def extract_kernels(gm: GraphModule) -> list[Kernel]:
     that computes is a kernel alone; free nodes (views, identities, sizes) belong to none.
     Kernels come in graph order; equal kernels share one configuration dict (do not mutate it).
     """
-    return _extract(gm)[0]
+    return kernels_and_facts(gm)[0]
 
 
-def _extract(gm: GraphModule) -> tuple[list[Kernel], dict[Node, tuple]]:
-    """:func:`extract_kernels`, and the :func:`node_facts` of every node it read."""
+def kernels_and_facts(gm: GraphModule) -> tuple[list[Kernel], dict[Node, tuple]]:
+    """:func:`extract_kernels`, and the :func:`node_facts` of every node it read (for pricing rows)."""
     facts: dict[Node, tuple] = {}
     taken: set[Node] = set()
     kernels: list[Kernel] = []
@@ -299,7 +299,7 @@ def kernel_macs(config: dict) -> int:
     return _numel(config["shape"])
 
 
-def _bytes(config: dict) -> tuple[int, int, int]:
+def kernel_bytes(config: dict) -> tuple[int, int, int]:
     """(input, output, weight) bytes of a kernel."""
     t = config["type"]
     if t == "conv":
@@ -329,7 +329,7 @@ def kernel_row(config: dict) -> np.ndarray:
     t = config["type"]
     row[_COL[f"type_{t}"]] = 1.0
     row[_COL[f"act_{config.get('act', 'none')}"]] = 1.0
-    in_b, out_b, w_b = _bytes(config)
+    in_b, out_b, w_b = kernel_bytes(config)
     if t == "conv":
         cin, cout, groups, k, s = config["cin"], config["cout"], config["groups"], config["k"], config["s"]
         in_sp, out_sp = config["h"] * config["w"], config["ho"] * config["wo"]
@@ -570,7 +570,7 @@ def _sample_once(rng: random.Random) -> dict:
 
 
 def _size_ok(config: dict) -> bool:
-    in_b, out_b, _ = _bytes(config)
+    in_b, out_b, _ = kernel_bytes(config)
     return max(in_b, out_b) <= MAX_ELEMENTS and kernel_macs(config) <= MAX_MACS
 
 
