@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ConvMap", "LinearMap", "AffineMap", "compose", "add", "conv_map", "diagonal_conv_map",
-           "identity_conv_map", "avg_pool_conv_map", "linear_map", "diagonal_linear_map", "identity_linear_map"]
+           "identity_conv_map", "avg_pool_conv_map", "linear_map", "diagonal_linear_map", "identity_linear_map",
+           "regroup_blocks", "dilate_taps"]
 
 _F64 = torch.float64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -159,7 +160,7 @@ def identity_linear_map(features: int) -> LinearMap:
 
 # ---------------------------------------------------------------- helpers
 
-def _regroup(blocks: torch.Tensor, groups: int) -> torch.Tensor:
+def regroup_blocks(blocks: torch.Tensor, groups: int) -> torch.Tensor:
     """Coarsen ``(g, co, ci, *k)`` blocks to ``groups`` (a divisor of g) block-diagonal blocks."""
     g, co, ci = blocks.shape[:3]
     if groups == g:
@@ -172,7 +173,7 @@ def _regroup(blocks: torch.Tensor, groups: int) -> torch.Tensor:
     return out
 
 
-def _dilate(blocks: torch.Tensor, steps: tuple[int, ...]) -> torch.Tensor:
+def dilate_taps(blocks: torch.Tensor, steps: tuple[int, ...]) -> torch.Tensor:
     """Spread the kernel taps ``steps`` apart (zeros between), per spatial dim."""
     k = blocks.shape[3:]
     size = tuple((kk - 1) * s + 1 for kk, s in zip(k, steps))
@@ -231,9 +232,9 @@ def _compose_conv(a: ConvMap, b: ConvMap) -> ConvMap | str:
         stride.append(a.stride[d] * b.stride[d])
         padding.append(a.padding[d] + a.stride[d] * b.padding[d])
     g = math.gcd(a.groups, b.groups)
-    wa = _regroup(_f64(a.blocks), g)
-    wb = _regroup(_f64(b.blocks), g)
-    wa = _dilate(wa, tuple(max(a.dilation[d] // steps[d], 1) if ka[d] > 1 else 1 for d in range(n)))
+    wa = regroup_blocks(_f64(a.blocks), g)
+    wb = regroup_blocks(_f64(b.blocks), g)
+    wa = dilate_taps(wa, tuple(max(a.dilation[d] // steps[d], 1) if ka[d] > 1 else 1 for d in range(n)))
     out = wa.new_zeros(g, wb.shape[1], wa.shape[2], *size)
     span = wa.shape[3:]
     for tap in product(*(range(k) for k in kb)):
@@ -294,7 +295,7 @@ def _add_conv(a: ConvMap, b: ConvMap, alpha: float) -> ConvMap | str:
     out = torch.zeros(g, a.out_channels // g, a.in_channels // g, *size, dtype=_F64)
     for m, offs, scale in ((a, offsets[0], 1.0), (b, offsets[1], alpha)):
         steps = tuple(m.dilation[d] // units[d] if m.kernel_size[d] > 1 else 1 for d in range(n))
-        w = _dilate(_regroup(_f64(m.blocks), g), steps)
+        w = dilate_taps(regroup_blocks(_f64(m.blocks), g), steps)
         where = (slice(None),) * 3 + tuple(slice(o, o + s) for o, s in zip(offs, w.shape[3:]))
         out[where] += scale * w
     if a.has_bias_map or b.has_bias_map:

@@ -46,6 +46,7 @@ from hant.graphs.ops import (
     BatchNormView, ConvView, add_of, batchnorm_of, conv_of, is_identity_like, output_dtype, output_shape,
 )
 from hant.passes.base import Pass, PassResult, register
+from hant.passes.linear_algebra import dilate_taps, regroup_blocks
 from hant.passes.surgery import add_module, copy_meta, prune_unused, readable
 
 __all__ = ["ChainPlan", "Segment", "Residual", "chain_paths", "element_chains", "affine_view", "plan_chains",
@@ -182,24 +183,13 @@ def element_chains(gm: GraphModule, member: Callable[[Node], bool]) -> list[list
 
 def _dilated(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
     """A kernel with dilation expanded into explicit zeros."""
-    if all(d == 1 for d in dilation):
-        return weight
-    size = tuple(d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:]))
-    out = torch.zeros(weight.shape[:2] + size, dtype=weight.dtype)
-    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = weight
-    return out
+    return dilate_taps(weight.unsqueeze(0), tuple(dilation))[0]
 
 
 def _densify(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped kernel (out, in/groups, k...) as the equivalent dense one (out, in, k...)."""
-    if groups == 1:
-        return weight
     cout, cin_g = weight.shape[:2]
-    og = cout // groups
-    dense = torch.zeros((cout, cin_g * groups) + tuple(weight.shape[2:]), dtype=weight.dtype)
-    for j in range(groups):
-        dense[j * og:(j + 1) * og, j * cin_g:(j + 1) * cin_g] = weight[j * og:(j + 1) * og]
-    return dense
+    return regroup_blocks(weight.reshape(groups, cout // groups, cin_g, *weight.shape[2:]), 1)[0]
 
 
 @dataclass
