@@ -3,7 +3,8 @@
 Specs: ``measured:cpu-onnxruntime`` (the default for plain ``measured``), ``measured:cpu-torch``,
 ``measured:cuda-torch`` (CUDA events; only with a GPU). Options follow commas:
 ``threads=N`` (runtime threads; default ``torch.get_num_threads()``), ``total=graph|nodes``
-(what a report's total is, see below) and ``db=PATH`` (the store file).
+(what a report's total is, see below), ``db=PATH`` (the store file) and ``samples=N`` (whole
+graphs: independent timings per graph, default 1, see below).
 
 * ``node_cost(node)``: the op alone, rebuilt as a tiny module with its real input shapes.
   Ops with an op view (conv, linear, batchnorm, layer/group norm, activation, add, mul,
@@ -17,7 +18,10 @@ Specs: ``measured:cpu-onnxruntime`` (the default for plain ``measured``), ``meas
   notes give both, so the gap between them (what the runtime fuses) is visible.
 
 Every measurement goes to the store, keyed by signature and the runtime's key (name, version,
-threads, device fingerprint); a stored measurement is reused, never re-timed.
+threads, device fingerprint); a stored measurement is reused. A whole graph is priced at the
+median of ``samples`` independent timings: a graph stored with fewer is timed again until it has
+that many (so one figure taken while the machine was busy is outvoted, and raising ``samples``
+re-times a store). Ops are timed once.
 """
 
 from __future__ import annotations
@@ -288,9 +292,9 @@ def build_op(node: Node, signature: dict | None = None) -> tuple[nn.Module, tupl
 
 # ---------------------------------------------------------------- the model
 
-def parse_spec(argument: str | None, prefix: str = "measured", options: tuple[str, ...] = ("threads", "total", "db"),
-               ) -> dict:
-    """``"DEVICE-RUNTIME[,threads=N][,total=graph|nodes][,db=PATH]"`` as keyword arguments of the model.
+def parse_spec(argument: str | None, prefix: str = "measured",
+               options: tuple[str, ...] = ("threads", "total", "db", "samples")) -> dict:
+    """``"DEVICE-RUNTIME[,threads=N][,total=graph|nodes][,db=PATH][,samples=N]"`` as keyword arguments of the model.
 
     ``prefix`` names the spec in messages; ``options`` are the options it accepts.
     """
@@ -307,8 +311,8 @@ def parse_spec(argument: str | None, prefix: str = "measured", options: tuple[st
     kwargs: dict[str, Any] = {"device": device, "runtime": runtime}
     for option in given:
         name, _, value = option.partition("=")
-        if name == "threads" and name in options and value.isdigit() and int(value) > 0:
-            kwargs["threads"] = int(value)
+        if name in ("threads", "samples") and name in options and value.isdigit() and int(value) > 0:
+            kwargs[name] = int(value)
         elif name == "total" and name in options and value in ("graph", "nodes"):
             kwargs["total"] = value
         elif name == "db" and name in options and value:
@@ -318,7 +322,7 @@ def parse_spec(argument: str | None, prefix: str = "measured", options: tuple[st
     return kwargs
 
 
-_OPTION_VALUES = {"threads": "N", "total": "graph|nodes", "db": "PATH"}
+_OPTION_VALUES = {"threads": "N", "total": "graph|nodes", "db": "PATH", "samples": "N"}
 
 
 class MeasuredModel(NodeSumCostModel):
@@ -326,17 +330,20 @@ class MeasuredModel(NodeSumCostModel):
 
     ``store``: a :class:`LatencyStore`, a path, or None for the default store.
     ``op_timing``/``graph_timing``: how long to try for a stable median per op / per graph.
+    ``samples``: independent timings a whole graph's price is the median of.
     """
 
     def __init__(self, device: str = "cpu", runtime: str = "onnxruntime", *, threads: int | None = None,
-                 store: LatencyStore | str | None = None, total: str = "graph",
+                 store: LatencyStore | str | None = None, total: str = "graph", samples: int = 1,
                  op_timing: TimingConfig = OP_TIMING, graph_timing: TimingConfig = GRAPH_TIMING):
         if total not in ("graph", "nodes"):
             raise CostModelError(f"total must be 'graph' or 'nodes', got {total!r}")
+        if not (isinstance(samples, int) and samples >= 1):
+            raise CostModelError(f"samples must be a positive number of timings, got {samples!r}")
         self.runtime: Runtime = runtime_for(device, runtime, threads)
         self.name = f"measured:{device}-{runtime}"
         self.store = store if isinstance(store, LatencyStore) else LatencyStore(store)
-        self.total = total
+        self.total, self.samples = total, samples
         self.op_timing, self.graph_timing = op_timing, graph_timing
         self.key = self.runtime.key
         self._counts = FlopsModel()
@@ -372,10 +379,12 @@ class MeasuredModel(NodeSumCostModel):
         return Cost(latency, counted.macs, counted.bytes_read, counted.bytes_written, counted.params)
 
     def graph_latency(self, gm: GraphModule) -> float:
-        """Seconds for the whole graph in one run, in eval mode (stored by structural hash, reused when found)."""
+        """Seconds for the whole graph in one run, in eval mode: the median of ``samples`` independent
+        timings, stored by structural hash (a graph stored with enough timings is not timed again)."""
         key = graph_key(gm)
         found = self.store.get_graph(key, self.key)
-        if found is not None:
+        stored = found.samples if found is not None else 0
+        if stored >= self.samples:
             return found.latency_s
         inputs = []
         for node in gm.graph.find_nodes(op="placeholder"):
@@ -386,9 +395,10 @@ class MeasuredModel(NodeSumCostModel):
             inputs.append(_example(shape, _dtype_name(output_dtype(node))))
         # an inference figure, and the caller's graph stays untouched (train-mode BN would update its statistics)
         module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
-        timing = self.measure_module(module, tuple(inputs))
-        self.store.put_graph(key, self.key, timing.median_s, timing.spread)
-        return timing.median_s
+        for _ in range(self.samples - stored):
+            timing = self.measure_module(module, tuple(inputs))
+            found = self.store.add_graph_timing(key, self.key, timing.median_s, timing.spread)
+        return found.latency_s
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
         """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""

@@ -12,7 +12,10 @@ Every measurement is keyed by *what* was measured and *where*:
   fingerprint (CPU model, core count, GPU name for GPU runtimes).
 
 Tables: ``ops`` (single ops in isolation), ``graphs`` (whole fx graphs the measured model
-timed), ``networks`` (network-space samples from ``hant profile``, with per-node latencies).
+timed: one row per graph, the median of its timings), ``graph_timings`` (every independent
+timing of a graph, so that a figure taken while the machine was busy can be outvoted by later
+ones, see :meth:`LatencyStore.add_graph_timing`), ``networks`` (network-space samples from
+``hant profile``, with per-node latencies).
 
 Readers: :meth:`LatencyStore.ops`, :meth:`LatencyStore.networks` and
 :meth:`LatencyStore.calibration_samples` (what ``RooflineModel.calibrate`` takes).
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +124,8 @@ class NetworkRecord:
 
 @dataclass(frozen=True)
 class GraphRecord:
-    """One fx graph measured whole, found by its structural hash."""
+    """One fx graph measured whole, found by its structural hash: the median of ``samples``
+    independent timings (``spread`` is the median timing's, with the fastest block of all)."""
     graph_key: str
     latency_s: float
     spread: Spread
@@ -128,6 +133,7 @@ class GraphRecord:
     device: str
     runtime_version: str
     threads: int
+    samples: int = 1
 
 
 _SCHEMA = """
@@ -149,7 +155,12 @@ CREATE TABLE IF NOT EXISTS networks (
     latency_s REAL NOT NULL, iqr_s REAL, min_s REAL, p90_s REAL, n INTEGER, rel_ci REAL,
     node_latencies TEXT, created REAL NOT NULL,
     PRIMARY KEY (spec_key, runtime, runtime_version, threads, device));
+CREATE TABLE IF NOT EXISTS graph_timings (
+    graph_key TEXT NOT NULL,
+    runtime TEXT NOT NULL, runtime_version TEXT NOT NULL, threads INTEGER NOT NULL, device TEXT NOT NULL,
+    latency_s REAL NOT NULL, iqr_s REAL, min_s REAL, p90_s REAL, n INTEGER, rel_ci REAL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS ops_kind ON ops (kind, runtime, device);
+CREATE INDEX IF NOT EXISTS graph_timings_key ON graph_timings (graph_key, runtime, threads, device);
 """
 
 # Connections inherited from a parent process, kept open on purpose (see LatencyStore._connection).
@@ -285,16 +296,53 @@ class LatencyStore:
     # ------------------------------------------------------------ whole graphs
 
     def put_graph(self, graph_key: str, key: RuntimeKey, latency_s: float, spread: Spread) -> None:
-        """Store (or replace) a whole-graph measurement; committed on return."""
+        """Store (or replace) a whole-graph measurement, as its only timing; committed on return."""
         _check_latency(latency_s)
-        self._write("INSERT OR REPLACE INTO graphs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (graph_key, *_key_values(key), float(latency_s), *_spread_values(spread), time.time()))
+        where = (graph_key, *_key_values(key))
+        conn = self._connection()
+        with _immediate(conn):
+            conn.execute("DELETE FROM graph_timings WHERE graph_key = ? AND runtime = ? AND runtime_version = ? "
+                         "AND threads = ? AND device = ?", where)
+            conn.execute("INSERT OR REPLACE INTO graphs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                         (*where, float(latency_s), *_spread_values(spread), time.time()))
+
+    def add_graph_timing(self, graph_key: str, key: RuntimeKey, latency_s: float, spread: Spread) -> GraphRecord:
+        """Add one independent timing of a graph; the graph's stored figure becomes the median of all
+        its timings (a figure stored before timings were kept counts as one). Committed on return."""
+        _check_latency(latency_s)
+        where = (graph_key, *_key_values(key))
+        conn = self._connection()
+        with _immediate(conn):
+            timings = self._graph_timings(conn, where)
+            if not timings:
+                old = conn.execute("SELECT * FROM graphs WHERE graph_key = ? AND runtime = ? AND "
+                                   "runtime_version = ? AND threads = ? AND device = ?", where).fetchone()
+                timings = [(old["latency_s"], _spread(old))] if old is not None else []
+                if old is not None:
+                    conn.execute("INSERT INTO graph_timings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                                 (*where, old["latency_s"], *_spread_values(_spread(old)), old["created"]))
+            conn.execute("INSERT INTO graph_timings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                         (*where, float(latency_s), *_spread_values(spread), time.time()))
+            timings.append((float(latency_s), spread))
+            median, median_spread = _median_timing(timings)
+            conn.execute("INSERT OR REPLACE INTO graphs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                         (*where, median, *_spread_values(median_spread), time.time()))
+        return GraphRecord(graph_key, median, median_spread, key.runtime, key.device, key.version, key.threads,
+                           len(timings))
+
+    @staticmethod
+    def _graph_timings(conn: sqlite3.Connection, where: tuple) -> list[tuple[float, Spread]]:
+        rows = conn.execute("SELECT * FROM graph_timings WHERE graph_key = ? AND runtime = ? AND runtime_version = ? "
+                            "AND threads = ? AND device = ? ORDER BY created", where).fetchall()
+        return [(r["latency_s"], _spread(r)) for r in rows]
 
     def get_graph(self, graph_key: str, key: RuntimeKey) -> GraphRecord | None:
+        """The stored figure of a graph at exactly this runtime key (see :class:`GraphRecord`), or None."""
         where = dict(zip(_KEY_COLUMNS, _key_values(key)), graph_key=graph_key)
         for r in self._rows("graphs", where):
+            samples = len(self._graph_timings(self._connection(), (graph_key, *_key_values(key))))
             return GraphRecord(r["graph_key"], r["latency_s"], _spread(r), r["runtime"], r["device"],
-                               r["runtime_version"], r["threads"])
+                               r["runtime_version"], r["threads"], max(samples, 1))
         return None
 
     # ------------------------------------------------------------ networks
@@ -339,6 +387,16 @@ class _immediate:
 
     def __exit__(self, exc_type, *_):
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _median_timing(timings: list[tuple[float, Spread]]) -> tuple[float, Spread]:
+    """The median latency of several timings, with the spread of the timing at the median (the lower
+    middle one for an even count) and the fastest block of them all."""
+    latency = statistics.median(t for t, _ in timings)
+    ranked = sorted(timings, key=lambda t: t[0])
+    middle = ranked[(len(ranked) - 1) // 2][1]
+    fastest = min(s.min_s for _, s in timings)
+    return latency, Spread(middle.iqr_s, fastest, middle.p90_s, middle.n, middle.rel_ci)
 
 
 def _check_latency(latency_s: float) -> None:

@@ -107,6 +107,25 @@ def test_store_hits_are_not_measured_again(tmp_path):
     assert after.latency_s == before.latency_s
 
 
+def test_samples_time_a_graph_until_enough_independent_timings_are_stored(tmp_path):
+    gm = hant.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8))
+    timed = []
+    once = MeasuredModel("cpu", "onnxruntime", threads=1, store=tmp_path / "s.db", graph_timing=FAST)
+    thrice = get(f"measured:cpu-onnxruntime,threads=1,samples=3,db={tmp_path / 's.db'}")
+    thrice.graph_timing = FAST
+    for model in (once, thrice):
+        real = model.runtime.time
+        model.runtime.time = lambda *a, real=real, **k: timed.append(1) or real(*a, **k)
+    first = once.graph_latency(gm)
+    assert len(timed) == 1 and once.graph_latency(gm) == first and len(timed) == 1
+    median = thrice.graph_latency(gm)                      # two more timings, then the median of three
+    record = LatencyStore(tmp_path / "s.db").get_graph(graph_key(gm), thrice.key)
+    assert len(timed) == 3 and record.samples == 3 and median == record.latency_s
+    assert thrice.graph_latency(gm) == median and once.graph_latency(gm) == median and len(timed) == 3
+    with pytest.raises(CostModelError, match="samples"):
+        get("measured:cpu-onnxruntime,samples=0")
+
+
 def test_graph_total_is_whole_graph_or_sum_of_nodes(tmp_path):
     gm = hant.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval(),
                     torch.randn(1, 3, 12, 12))

@@ -54,6 +54,24 @@ def test_network_and_graph_round_trip(tmp_path):
     assert store.get_graph("abc", KEY).latency_s == 7e-4 and store.get_graph("abc", OTHER) is None
 
 
+def test_graph_timings_accumulate_to_their_median(tmp_path):
+    """Independent timings of one graph are kept; its figure is their median, so one outlier is outvoted."""
+    store = LatencyStore(tmp_path / "lat.db")
+    store.put_graph("g", KEY, 5e-4, SPREAD)                   # stored before timings were kept: counts as one
+    record = store.add_graph_timing("g", KEY, 1e-4, Spread(1e-6, 9e-5, 1.2e-4, 11, 0.03))
+    assert record.samples == 2 and record.latency_s == pytest.approx(3e-4)
+    record = store.add_graph_timing("g", KEY, 1.1e-4, Spread(2e-6, 1e-4, 1.3e-4, 7, 0.05))
+    assert record.samples == 3 and record.latency_s == 1.1e-4
+    assert record.spread == Spread(2e-6, SPREAD.min_s, 1.3e-4, 7, 0.05)   # the median's, with the fastest block
+    reopened = LatencyStore(tmp_path / "lat.db").get_graph("g", KEY)
+    assert (reopened.latency_s, reopened.samples) == (1.1e-4, 3)
+    assert store.get_graph("g", OTHER) is None and store.add_graph_timing("g", OTHER, 2e-4, SPREAD).samples == 1
+    store.put_graph("g", KEY, 7e-4, SPREAD)                   # a put replaces every timing of the graph
+    assert (store.get_graph("g", KEY).latency_s, store.get_graph("g", KEY).samples) == (7e-4, 1)
+    with pytest.raises(CostModelError, match="positive"):
+        store.add_graph_timing("g", KEY, 0.0, SPREAD)
+
+
 def test_canonical_json_ignores_key_order_and_tuples():
     assert canonical_json({"b": (1, 2), "a": 1}) == canonical_json({"a": 1, "b": [1, 2]})
 
