@@ -36,10 +36,10 @@ from torch.fx.operator_schemas import normalize_function
 
 __all__ = [
     "ConvView", "LinearView", "BatchNormView", "ActivationView", "BinaryView", "PoolView",
-    "NormView", "MatmulView", "AttentionView",
+    "NormView", "MatmulView", "AttentionView", "ReshapeView",
     "conv_of", "linear_of", "batchnorm_of", "activation_of", "add_of", "mul_of", "pool_of",
     "layernorm_of", "matmul_of", "einsum_of", "EinsumView", "attention_of", "is_identity_like", "is_shape_op",
-    "is_inplace", "is_input_guard", "op_kind",
+    "reshape_of", "is_inplace", "is_input_guard", "op_kind",
     "module_of", "constant_of", "tensor_meta", "output_shape", "output_dtype", "ACTIVATION_KINDS",
     "graph_unchanged",
 ]
@@ -201,12 +201,13 @@ def conv_of(node: Node) -> ConvView | None:
     if m is not None:
         if not isinstance(m, _CONV_MODULES):
             return None
-        n = m.weight.dim() - 2
+        weight, bias = m.weight, m.bias
+        n = weight.dim() - 2
         transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
         padding = m.padding if isinstance(m.padding, str) else _tuple(m.padding, n)
         return ConvView(
-            node=node, output=node, input=node.args[0], weight=m.weight, bias=m.bias,
-            weight_shape=m.weight.shape, has_bias=m.bias is not None, stride=_tuple(m.stride, n),
+            node=node, output=node, input=node.args[0], weight=weight, bias=bias,
+            weight_shape=weight.shape, has_bias=bias is not None, stride=_tuple(m.stride, n),
             padding=padding, dilation=_tuple(m.dilation, n), groups=m.groups, padding_mode=m.padding_mode,
             transposed=transposed, output_padding=_tuple(m.output_padding, n) if transposed else (), module=m,
         )
@@ -846,6 +847,42 @@ _SHAPE_ATEN = {"view", "_unsafe_view", "reshape", "flatten", "permute", "transpo
                "narrow", "alias", "movedim", "sym_size", "_assert_tensor_metadata"}
 
 
+@dataclass(frozen=True)
+class ReshapeView:
+    """An op that gives its input's elements a new shape and keeps their row-major order (flatten,
+    reshape, view, squeeze, unsqueeze, unflatten). The new shape is the output's traced shape."""
+    node: Node
+    output: Node
+    input: Node
+
+
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+                      aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+                      aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+                      aten.unflatten.int}
+
+
+def reshape_of(node: Node) -> ReshapeView | None:
+    """Describe an op that only reshapes its input (elements kept in row-major order), or None.
+
+    ``x.view(dtype)`` reinterprets bits rather than reshaping and is not one.
+    """
+    if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
+        return None
+    m = module_of(node)
+    if m is not None:
+        return ReshapeView(node, node, node.args[0]) if isinstance(m, _RESHAPE_MODULES) else None
+    if node.op == "call_method" and node.target in _RESHAPE_METHODS:
+        if node.target == "view" and any(isinstance(a, torch.dtype) for a in node.args[1:]):
+            return None
+        return ReshapeView(node, node, node.args[0])
+    if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
+        return ReshapeView(node, node, node.args[0])
+    return None
+
+
 def is_shape_op(node: Node) -> bool:
     """True for view/reshape/permute/index-style ops that move no arithmetic (cost: data movement at most)."""
     if not isinstance(node, Node):
@@ -899,6 +936,18 @@ _REDUCE = {torch.mean, torch.sum, aten.mean.dim, aten.sum.dim_IntList, aten.mean
 _REDUCE_METHODS = {"mean", "sum"}
 
 
+def _module_kinds() -> dict[type, str]:
+    """The kind of a ``call_module`` node by the exact type of its module, for the types whose view
+    describes every module of that type (subclasses are not listed: their nodes ask the views)."""
+    families = ((_CONV_MODULES, "conv"), ((nn.Linear,), "linear"), (_BN_MODULES, "batchnorm"),
+                ((nn.LayerNorm, nn.GroupNorm), "layernorm"), (tuple(_ACT_MODULES), "activation"),
+                (tuple(_POOL_MODULES), "pool"))
+    return {t: kind for types, kind in families for t in types}
+
+
+_MODULE_KINDS = _module_kinds()
+
+
 def op_kind(node: Node) -> str:
     """A coarse kind for cost models and reports.
 
@@ -907,6 +956,10 @@ def op_kind(node: Node) -> str:
     """
     if node.op in ("placeholder", "output", "get_attr"):
         return node.op
+    m = module_of(node)
+    known = _MODULE_KINDS.get(type(m)) if m is not None else None
+    if known is not None:
+        return known
     for kind, view in (("conv", conv_of), ("linear", linear_of), ("batchnorm", batchnorm_of),
                        ("layernorm", layernorm_of), ("activation", activation_of), ("add", add_of),
                        ("mul", mul_of), ("pool", pool_of), ("matmul", matmul_of), ("attention", attention_of)):
@@ -928,7 +981,6 @@ def op_kind(node: Node) -> str:
             return "softmax"
         if node.target in _REDUCE_METHODS:
             return "reduce"
-    m = module_of(node)
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
         return "softmax"
     if isinstance(m, nn.Flatten):
@@ -988,5 +1040,6 @@ einsum_of = _memoized(einsum_of)
 attention_of = _memoized(attention_of)
 is_identity_like = _memoized(is_identity_like)
 is_shape_op = _memoized(is_shape_op)
+reshape_of = _memoized(reshape_of)
 op_kind = _memoized(op_kind)
 module_of = _memoized(module_of)

@@ -7,14 +7,20 @@ is computed in float64:
 * :class:`ConvMap`: ``y = conv(x, W, stride, padding, dilation, groups) + c`` on a
   ``(N, C, *spatial)`` tensor with zero padding. ``c`` is a per-channel bias ``(Cout,)``
   or, when zero padding makes the constant position dependent, a full map
-  ``(Cout, *out_size)`` for the traced spatial size. Per-channel scale/shift (eval
-  BatchNorm, ``mul``/``add`` by a per-channel constant), identity and average pooling are
-  depthwise ConvMaps.
+  ``(Cout, *out_size)`` for the traced spatial size (never for a single output position,
+  where it is per-channel). Per-channel scale/shift (eval BatchNorm, ``mul``/``add`` by a
+  per-channel constant), identity and average pooling are depthwise ConvMaps.
 * :class:`LinearMap`: ``y = x @ W.T + b`` on the last dimension.
 
 ``compose(first, second)`` and ``add(a, b, alpha)`` return a new map when the result is
 exactly one map of the same family, else a ``str`` saying why not (the refusal reason a
 pass reports). Nothing here knows about torch.fx.
+
+Classifier heads cross between the families: a LinearMap on the channels of an
+``(N, C, 1, ..., 1)`` tensor is a 1x..x1 ConvMap (:func:`linear_as_conv_map`); a ConvMap
+with a single output position is a LinearMap on its flattened input
+(:func:`single_position_linear`); and a pointwise map commutes with a global average
+(:func:`commute_with_global_mean`, :func:`after_global_mean`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 
 __all__ = ["ConvMap", "LinearMap", "AffineMap", "compose", "add", "conv_map", "diagonal_conv_map",
            "identity_conv_map", "avg_pool_conv_map", "linear_map", "diagonal_linear_map", "identity_linear_map",
+           "linear_as_conv_map", "single_position_linear", "commute_with_global_mean", "after_global_mean",
            "regroup_blocks", "dilate_taps"]
 
 _F64 = torch.float64
@@ -78,6 +85,14 @@ class ConvMap:
     def has_bias_map(self) -> bool:
         """True when the constant varies with position (a border effect of zero padding)."""
         return self.const.dim() > 1
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True when each output position reads only the same input position (1x..x1 kernel, stride 1,
+        no padding): the map is then the same at every position and for any spatial size."""
+        n = self.spatial_dims
+        return (self.kernel_size == (1,) * n and self.stride == (1,) * n and self.padding == (0,) * n
+                and not self.has_bias_map)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -158,6 +173,51 @@ def identity_linear_map(features: int) -> LinearMap:
     return LinearMap(torch.eye(features, dtype=_F64), torch.zeros(features, dtype=_F64))
 
 
+def linear_as_conv_map(m: LinearMap, spatial_dims: int) -> ConvMap:
+    """``m`` acting on the channels of an ``(N, C, 1, ..., 1)`` tensor: a 1x..x1 ConvMap on one position."""
+    ones = (1,) * spatial_dims
+    blocks = m.weight.detach().reshape(1, m.out_channels, m.in_channels, *ones)
+    return ConvMap(blocks, ones, (0,) * spatial_dims, ones, m.bias.detach(), ones, ones)
+
+
+def single_position_linear(m: ConvMap) -> LinearMap:
+    """A ConvMap with a single output position as a LinearMap on its row-major flattened input
+    ``(Cin * prod(in_size))``; kernel taps that fall on the zero padding multiply zeros and are dropped."""
+    if math.prod(m.out_size) != 1:
+        raise ValueError(f"the map has {math.prod(m.out_size)} output positions, not one")
+    dense = regroup_blocks(_f64(m.blocks), 1)[0]                   # (Cout, Cin, *kernel)
+    weight = dense.new_zeros(m.out_channels, m.in_channels, *m.in_size)
+    taps, places = [], []
+    for k, p, d, size in zip(m.kernel_size, m.padding, m.dilation, m.in_size):
+        first = -(-p // d)                                          # first tap at input position >= 0
+        last = min(k - 1, (size - 1 + p) // d)                      # last tap at input position < size
+        taps.append(slice(first, last + 1))
+        places.append(slice(first * d - p, max(last * d - p + 1, 0), d))
+    weight[(slice(None),) * 2 + tuple(places)] = dense[(slice(None),) * 2 + tuple(taps)]
+    return LinearMap(weight.reshape(m.out_channels, -1), _f64(m.const).reshape(-1))
+
+
+def commute_with_global_mean(m: ConvMap) -> ConvMap:
+    """For a pointwise ``m`` (:attr:`ConvMap.is_pointwise`): the map ``p`` on one position with
+    ``mean(m(x)) = p(mean(x))``, means taken over all positions (the same weights and constant)."""
+    if not m.is_pointwise:
+        raise ValueError("only a pointwise map commutes with a global average")
+    ones = (1,) * m.spatial_dims
+    return ConvMap(m.blocks, m.stride, m.padding, m.dilation, m.const, ones, ones)
+
+
+def after_global_mean(p: ConvMap, size) -> ConvMap:
+    """``p(mean of x over all positions)`` for ``x`` of spatial size ``size``, ``p`` a map on one position,
+    as one ConvMap (kernel = stride = ``size``). Its blocks are an expanded view of ``p``'s, so the map
+    costs no memory until its weights are copied."""
+    size = tuple(size)
+    n = len(size)
+    if p.in_size != (1,) * n or not p.is_pointwise:
+        raise ValueError("the map after a global average must be pointwise on one position")
+    blocks = (_f64(p.blocks) / math.prod(size)).expand(*p.blocks.shape[:3], *size)
+    return ConvMap(blocks, size, (0,) * n, (1,) * n, p.const, size, (1,) * n)
+
+
 # ---------------------------------------------------------------- helpers
 
 def regroup_blocks(blocks: torch.Tensor, groups: int) -> torch.Tensor:
@@ -187,6 +247,16 @@ def _gcd_step(*steps: int) -> int:
     for s in steps:
         g = math.gcd(g, s)
     return g or 1
+
+
+def _per_channel_if_single_position(const: torch.Tensor, out_size) -> torch.Tensor:
+    """A bias map over a single output position is a per-channel bias."""
+    return const.reshape(-1) if const.dim() > 1 and math.prod(out_size) == 1 else const
+
+
+def _is_diagonal(m: ConvMap) -> bool:
+    """True for a per-channel map (groups = channels, one input and one output channel per group)."""
+    return m.blocks.shape[1] == 1 and m.blocks.shape[2] == 1
 
 
 def _expand_const(m: ConvMap) -> torch.Tensor:
@@ -231,16 +301,15 @@ def _compose_conv(a: ConvMap, b: ConvMap) -> ConvMap | str:
         size.append((a.stride[d] * b.dilation[d] * (kb[d] - 1) + a.dilation[d] * (ka[d] - 1)) // unit + 1)
         stride.append(a.stride[d] * b.stride[d])
         padding.append(a.padding[d] + a.stride[d] * b.padding[d])
+    a_steps = tuple(max(a.dilation[d] // steps[d], 1) if ka[d] > 1 else 1 for d in range(n))
+    product_of = _block_product(a, b, a_steps)
     g = math.gcd(a.groups, b.groups)
-    wa = regroup_blocks(_f64(a.blocks), g)
-    wb = regroup_blocks(_f64(b.blocks), g)
-    wa = dilate_taps(wa, tuple(max(a.dilation[d] // steps[d], 1) if ka[d] > 1 else 1 for d in range(n)))
-    out = wa.new_zeros(g, wb.shape[1], wa.shape[2], *size)
-    span = wa.shape[3:]
+    out = torch.zeros(g, b.out_channels // g, a.in_channels // g, *size, dtype=_F64)
     for tap in product(*(range(k) for k in kb)):
+        term = product_of(tap)                                         # (g, b's Cout/g, a's Cin/g, *a's span)
         start = [a.stride[d] * b.dilation[d] * tap[d] // steps[d] for d in range(n)]
-        where = (slice(None),) * 3 + tuple(slice(s, s + w) for s, w in zip(start, span))
-        out[where] += torch.einsum("gom,gmi...->goi...", wb[(Ellipsis,) + tuple(tap)], wa)
+        where = (slice(None),) * 3 + tuple(slice(s, s + w) for s, w in zip(start, term.shape[3:]))
+        out[where] += term
     if a.has_bias_map or b.has_bias_map or (any(b.padding) and bool(a.const.any())):
         image = _f64(_expand_const(a)).unsqueeze(0)
         const = b.apply(image)[0]
@@ -248,8 +317,30 @@ def _compose_conv(a: ConvMap, b: ConvMap) -> ConvMap | str:
         per_tap = _f64(b.blocks).sum(dim=tuple(range(3, 3 + n)))     # (gb, co, m)
         ca = _f64(a.const).view(b.groups, -1, 1)                         # (gb, m, 1)
         const = torch.bmm(per_tap, ca).reshape(-1) + _f64(b.const)
-    return ConvMap(out, tuple(stride), tuple(padding), tuple(steps), const,
+    return ConvMap(out, tuple(stride), tuple(padding), tuple(steps), _per_channel_if_single_position(const, b.out_size),
                    a.in_size, b.out_size)
+
+
+def _block_product(a: ConvMap, b: ConvMap, a_steps: tuple[int, ...]):
+    """``tap -> blocks``: b's kernel tap ``tap`` times a's kernel (taps spread ``a_steps`` apart), in
+    ``gcd(a.groups, b.groups)`` groups. A per-channel side scales the other one's blocks instead of
+    being expanded to block-diagonal dense blocks (a global pool after a dense 1x1 stays cheap)."""
+    n = a.spatial_dims
+    if _is_diagonal(a):                       # gcd = b.groups; a scales b's input channels
+        g = b.groups
+        wb = _f64(b.blocks)
+        wa = dilate_taps(_f64(a.blocks), a_steps)
+        wa = wa.reshape(g, 1, wb.shape[2], *wa.shape[3:])
+        return lambda tap: wb[(Ellipsis,) + tuple(tap)].reshape(*wb.shape[:3], *[1] * n) * wa
+    wa = dilate_taps(_f64(a.blocks), a_steps)
+    if _is_diagonal(b):                       # gcd = a.groups; b scales a's output channels
+        g = a.groups
+        wb = _f64(b.blocks).reshape(g, wa.shape[1], *b.kernel_size)
+        return lambda tap: wb[(Ellipsis,) + tuple(tap)].reshape(g, wa.shape[1], 1, *[1] * n) * wa
+    g = math.gcd(a.groups, b.groups)
+    wa = regroup_blocks(wa, g)
+    wb = regroup_blocks(_f64(b.blocks), g)
+    return lambda tap: torch.einsum("gom,gmi...->goi...", wb[(Ellipsis,) + tuple(tap)], wa)
 
 
 # ---------------------------------------------------------------- sums
@@ -302,4 +393,5 @@ def _add_conv(a: ConvMap, b: ConvMap, alpha: float) -> ConvMap | str:
         const = _f64(_expand_const(a)) + alpha * _f64(_expand_const(b))
     else:
         const = _f64(a.const) + alpha * _f64(b.const)
-    return ConvMap(out, a.stride, tuple(padding), tuple(units), const, a.in_size, a.out_size)
+    return ConvMap(out, a.stride, tuple(padding), tuple(units), _per_channel_if_single_position(const, a.out_size),
+                   a.in_size, a.out_size)

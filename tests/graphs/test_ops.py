@@ -246,3 +246,31 @@ def test_views_remember_answers_only_inside_graph_unchanged():
         with graph_unchanged():  # nested blocks share the outer memo
             assert op_kind(node) == "conv"
     assert op_kind(node) == "activation" and conv_of(node) is None
+
+
+def _kind_by_asking_every_view(node: torch.fx.Node) -> str | None:
+    """The compute kind the first accepting view gives (op_kind's documented order), or None."""
+    from hant.graphs.ops import attention_of, layernorm_of, matmul_of, mul_of
+
+    for kind, view in (("conv", conv_of), ("linear", linear_of), ("batchnorm", batchnorm_of),
+                       ("layernorm", layernorm_of), ("activation", activation_of), ("add", add_of),
+                       ("mul", mul_of), ("pool", pool_of), ("matmul", matmul_of), ("attention", attention_of)):
+        if view(node) is not None:
+            return kind
+    return None
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "swin_t"])
+def test_op_kind_by_module_type_agrees_with_the_views(name):
+    """op_kind answers layer nodes from their module's type; every view must agree with that answer."""
+    import torchvision
+
+    gm = trace(getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 64, 64))
+    checked = 0
+    for node in gm.graph.nodes:
+        expected = _kind_by_asking_every_view(node)
+        if expected is not None:
+            assert op_kind(node) == expected, node.format_node()
+            checked += node.op == "call_module"
+    assert checked > 10
+
