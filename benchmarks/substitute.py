@@ -133,7 +133,7 @@ def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
                         activations=["relu"], select=args.select, prune_above=args.prune_above, run_dir=run_dir,
                         steps=args.steps, lr=args.lr,
                         calibration_batches=None, score="distill", replace_one=True, score_batches=score_batches,
-                        site_pricing=args.site_pricing, show_progress=True)
+                        show_progress=True)
     search_s = time.perf_counter() - start
     teacher_acc = evaluate(teacher)
     trained = sum(len(o) - 1 for o in result.options.values())
@@ -174,7 +174,7 @@ def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
              f"teacher: {t_s * 1e3:.3f} ms measured, accuracy {teacher_acc * 100:.2f}%; {len(result.sites)} sites, "
              f"{trained} candidates distilled after dominance pruning; search (pricing + distillation + "
              f"replace-one scores) {search_s:.0f} s, fine-tuning of {len(students)} distinct students "
-             f"{finetune_s:.0f} s; cost model `{args.cost}`, sites priced {args.site_pricing.replace('_', ' ')}", "",
+             f"{finetune_s:.0f} s; cost model `{args.cost}`", "",
              "| score | budget | predicted ms | measured ms | predicted/measured | speedup | accuracy before "
              "fine-tune | accuracy | loss (pts) | sites replaced |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(kind, s, t_s, teacher_acc) for kind, s, _ in rows]
@@ -207,8 +207,6 @@ def main(argv=None) -> int:
     parser.add_argument("--store", default=None,
                         help="latency store file for a measured --cost (appended as ,db=PATH); the run directory "
                              "caches site prices per cost spec, so a new store re-prices every site")
-    parser.add_argument("--site-pricing", default="alone", choices=("alone", "in_context"),
-                        help="price candidates alone or by how much the whole teacher changes (interleaved)")
     parser.add_argument("--prune-above", type=float, default=0.7,
                         help="skip training candidates priced at or above this fraction of the teacher's block")
     parser.add_argument("--steps", type=int, default=300)

@@ -290,20 +290,6 @@ def build_op(node: Node, signature: dict | None = None) -> tuple[nn.Module, tupl
     return module.eval(), inputs
 
 
-def _runnable(gm: GraphModule) -> tuple[nn.Module, tuple]:
-    """``gm`` in eval mode (a copy when it has training-mode modules: an inference figure, and the
-    caller's graph stays untouched) and example inputs of its placeholders' shapes."""
-    inputs = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        shape = _shape(node)
-        if shape is None:
-            raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
-                                 "on the graph before measuring it")
-        inputs.append(_example(shape, _dtype_name(output_dtype(node))))
-    module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
-    return module, tuple(inputs)
-
-
 # ---------------------------------------------------------------- the model
 
 def parse_spec(argument: str | None, prefix: str = "measured",
@@ -400,28 +386,19 @@ class MeasuredModel(NodeSumCostModel):
         stored = found.samples if found is not None else 0
         if stored >= self.samples:
             return found.latency_s
-        module, inputs = _runnable(gm)
+        inputs = []
+        for node in gm.graph.find_nodes(op="placeholder"):
+            shape = _shape(node)
+            if shape is None:
+                raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
+                                     "on the graph before measuring it")
+            inputs.append(_example(shape, _dtype_name(output_dtype(node))))
+        # an inference figure, and the caller's graph stays untouched (train-mode BN would update its statistics)
+        module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
         for _ in range(self.samples - stored):
-            timing = self.measure_module(module, inputs)
+            timing = self.measure_module(module, tuple(inputs))
             found = self.store.add_graph_timing(key, self.key, timing.median_s, timing.spread)
         return found.latency_s
-
-    def interleaved_latencies(self, graphs: dict[str, GraphModule], rounds: int = 20,
-                              calls: int = 20) -> dict[str, list[float]]:
-        """Seconds per call of each graph in each of ``rounds`` rounds, timed A B C A B C ... on this
-        model's runtime (``calls`` calls per graph per round, after one warm-up round; eval mode; inputs
-        from the placeholders' shapes). Nothing is stored. On a shared machine, compare graphs by
-        per-round differences or ratios: a busy spell slows every graph of a round alike."""
-        if rounds < 1 or calls < 1:
-            raise CostModelError(f"rounds and calls must be positive, got {rounds} and {calls}")
-        blocks = {name: self.runtime.block(*_runnable(gm)) for name, gm in graphs.items()}
-        for block in blocks.values():
-            block(calls)
-        seconds: dict[str, list[float]] = {name: [] for name in blocks}
-        for _ in range(rounds):
-            for name, block in blocks.items():
-                seconds[name].append(block(calls))
-        return seconds
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
         """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""

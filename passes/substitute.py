@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import pydoc
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -60,7 +59,6 @@ __all__ = ["Site", "find_sites", "SiteOption", "SubstituteResult", "substitute",
 TEACHER = "teacher"
 SVD_RANKS = (25, 50)      # percent of full rank of each of the teacher's convs
 SCORES = ("distill", "replace_one")
-SITE_PRICING = ("alone", "in_context")
 
 
 # ---------------------------------------------------------------- sites
@@ -308,7 +306,8 @@ class SubstituteResult:
 
 def build_student(result: SubstituteResult, choice: dict[str, str]) -> GraphModule:
     """The teacher with each site's region replaced by its chosen, distilled candidate."""
-    replacements = {}
+    student = copy.deepcopy(result.teacher)
+    replaced: dict[str, Node] = {}
     for site in result.sites:
         name = choice[site.name]
         if name == TEACHER:
@@ -316,25 +315,11 @@ def build_student(result: SubstituteResult, choice: dict[str, str]) -> GraphModu
         module = result.modules[site.name][name]()
         state = torch.load(result.options[site.name][name].path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
-        replacements[site.name] = (module.eval(), name)
-    return _assembled(result.teacher, result.sites, replacements, result.example_inputs, result.cost_model,
-                      check=True)
-
-
-def _assembled(teacher: GraphModule, sites: Sequence[Site], replacements: dict[str, tuple[nn.Module, str]],
-               example_inputs: tuple, cost_model: Any, check: bool) -> GraphModule:
-    """A copy of ``teacher`` with the named sites' regions replaced (``{site: (module, candidate name)}``),
-    retraced and run through the exact passes (numerically checked when ``check``)."""
-    student = copy.deepcopy(teacher)
-    replaced: dict[str, Node] = {}
-    for site in sites:
-        if site.name in replacements:
-            module, name = replacements[site.name]
-            _replace_region(student, site, module, readable(name), replaced)
+        _replace_region(student, site, module.eval(), readable(name), replaced)
     student.graph.lint()
     student.recompile()
-    student = trace(student, example_inputs)
-    return PassManager("exact", cost=cost_model, check=example_inputs if check else None)(student).graph_module
+    student = trace(student, result.example_inputs)
+    return PassManager("exact", cost=result.cost_model, check=result.example_inputs)(student).graph_module
 
 
 # ---------------------------------------------------------------- pricing
@@ -362,15 +347,41 @@ def _cost_name(cost: Any, cost_model: Any) -> str:
     return cost if isinstance(cost, str) else str(getattr(cost_model, "name", type(cost_model).__name__))
 
 
+def _site_output_shape(site: Site) -> tuple[int, ...]:
+    n, _, *spatial = site.input_shape
+    return (n, site.shape.out_channels, *(-(-size // site.shape.stride) for size in spatial))
+
+
+def _boundary(shape: tuple[int, ...], cost_model: Any, overhead: float) -> float:
+    """What a graph priced alone pays at its edges, beyond the per-call ``overhead``, for a tensor
+    of ``shape``: layout changes into and out of the runtime's blocked format (onnxruntime's NCHWc
+    reorders), which a site pays once priced alone and not at all inside the network.
+
+    Probed as ``2 * price(one) - price(two) - overhead``, where ``one`` is a 1x1 conv + ReLU
+    keeping ``shape`` and ``two`` is two of them in a row: the ops inside cancel, the edges
+    remain. Zero for any additive (analytical) model; never negative.
+    """
+    channels = shape[1]
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
+
+    one = _price(block(), shape, cost_model)[0]
+    two = _price(nn.Sequential(block(), block()), shape, cost_model)[0]
+    return max(2 * one - two - overhead, 0.0)
+
+
 def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], nn.Module]]], cost_model: Any,
                cost_name: str, run_dir: Path, show_progress: bool) -> dict[str, dict[str, list]]:
     """``{site: {candidate: [latency_s, params, macs]}}`` of every candidate, persisted in the run directory.
 
-    A site priced alone carries the runtime's fixed per-call cost (session launch, input
-    copy), which the assembled network pays once, not once per site: an identity is
-    priced at each input shape and taken off (zero for analytical models). Prices are
-    written to ``prices.json`` (per cost model) so that a resumed or sharded run uses the
-    same numbers, and so the same candidates are pruned, on every rank.
+    A site priced alone carries costs the assembled network pays once, not once per site:
+    the runtime's fixed per-call cost (session launch, input copy: an identity priced at the
+    site's input shape) and its layout changes at the graph's edges (:func:`_boundary`, the
+    mean of the probes at the site's input and output shapes). Both are taken off every
+    candidate's price (zero for analytical models). Prices are written to ``prices.json``
+    (per cost model) so that a resumed or sharded run uses the same numbers, and so the same
+    candidates are pruned, on every rank.
     """
     from tqdm.auto import tqdm
 
@@ -379,64 +390,15 @@ def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], 
     prices: dict[str, dict[str, list]] = saved.get(cost_name, {})
     todo = [(s, c) for s in sites for c in modules[s.name] if c not in prices.get(s.name, {})]
     if todo:
-        overhead = {site.input_shape: _price(nn.Identity(), site.input_shape, cost_model)[0] for site in sites}
+        shapes = sorted({shape for site in sites for shape in (site.input_shape, _site_output_shape(site))})
+        overhead = {shape: _price(nn.Identity(), shape, cost_model)[0] for shape in shapes}
+        boundary = {shape: _boundary(shape, cost_model, overhead[shape]) for shape in shapes}
         for site, name in tqdm(todo, desc="price candidates", disable=not show_progress, unit="op"):
             latency, params, macs = _price(modules[site.name][name](), site.input_shape, cost_model)
-            prices.setdefault(site.name, {})[name] = [max(latency - overhead[site.input_shape], 0.0), params, macs]
+            edges = overhead[site.input_shape] + (boundary[site.input_shape] + boundary[_site_output_shape(site)]) / 2
+            prices.setdefault(site.name, {})[name] = [max(latency - edges, 0.0), params, macs]
         saved[cost_name] = prices
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    return prices
-
-
-IN_CONTEXT_ROUNDS, IN_CONTEXT_CALLS = 20, 20
-
-
-def _price_in_context(teacher: GraphModule, sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], nn.Module]]],
-                      alone: dict[str, dict[str, list]], example_inputs: tuple, cost_model: Any, cost_name: str,
-                      run_dir: Path, show_progress: bool) -> dict[str, dict[str, list]]:
-    """Prices of every candidate measured in the teacher rather than alone (``site_pricing="in_context"``).
-
-    For each site, the teacher and the teacher with only that site replaced by each candidate
-    are priced whole; a candidate's price is the teacher's block's price alone (``alone``) plus
-    how much the whole network changed. With a measured model (one that has
-    ``interleaved_latencies``) the variants of a site are timed in interleaved rounds and the
-    change is the median of the per-round differences, so a busy spell on a shared machine
-    cancels out; other models price each variant with ``graph_cost``. The sum over sites is
-    then what the network pays in context: layout changes, fusions across block edges and the
-    runtime's per-call cost are counted where they happen. Persisted like :func:`_price_all`.
-    """
-    from tqdm.auto import tqdm
-
-    key = f"{cost_name} in context"
-    path = run_dir / "prices.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    prices: dict[str, dict[str, list]] = saved.get(key, {})
-    todo = [site for site in sites if set(modules[site.name]) - set(prices.get(site.name, {}))]
-    if not todo:
-        return prices
-    teacher_deployed = _assembled(teacher, sites, {}, example_inputs, cost_model, check=False)
-    interleaved = getattr(cost_model, "interleaved_latencies", None)
-    for site in tqdm(todo, desc="price in context", disable=not show_progress, unit="site"):
-        variants = {TEACHER: teacher_deployed}
-        for name, factory in modules[site.name].items():
-            if name != TEACHER:
-                variants[name] = _assembled(teacher, sites, {site.name: (factory().eval(), name)}, example_inputs,
-                                            cost_model, check=False)
-        if interleaved is not None:
-            seconds = interleaved(variants, rounds=IN_CONTEXT_ROUNDS, calls=IN_CONTEXT_CALLS)
-            change = {name: statistics.median(v - t for v, t in zip(seconds[name], seconds[TEACHER]))
-                      for name in variants}
-        else:
-            whole = {name: float(cost_model.graph_cost(gm).latency_s) for name, gm in variants.items()}
-            change = {name: whole[name] - whole[TEACHER] for name in variants}
-        base = alone[site.name][TEACHER][0]
-        prices[site.name] = {name: [max(base + change[name], 0.0), *alone[site.name][name][1:]]
-                             for name in modules[site.name]}
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        saved[key] = prices
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
         os.replace(tmp, path)
@@ -526,7 +488,7 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
                sites: Sequence[str] | None = None,
                run_dir: str | os.PathLike = "hant-substitute", steps: int = 200, lr: float = 3e-3,
                calibration_batches: int | None = 8, prune_dominated: bool = True, prune_above: float = 1.0,
-               score: str = "distill", site_pricing: str = "alone",
+               score: str = "distill",
                replace_one: bool = False, score_batches: Sequence | None = None,
                finetune_epochs: int = 0, finetune_lr: float = 1e-3, finetune_steps: int | None = None,
                finetune_loader: Iterable | None = None, finetune_alpha: float = 0.9,
@@ -541,11 +503,6 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     ``activations`` restricts their activation choice (e.g. ``["relu"]``) and ``select``
     (shell-style patterns such as ``"ir_k[35]_e[12]_*"``) keeps only the candidates whose
     name matches one of them, to fit the distillation into the time at hand.
-    ``site_pricing``: ``"alone"`` prices each candidate as a graph of its own, minus the
-    runtime's per-call cost (which the network pays once, not per site); ``"in_context"`` prices it by how much the whole teacher
-    changes with only that site replaced (interleaved timing with a measured model; one
-    whole-network variant per candidate, so it costs more, and it counts effects across
-    block edges that pricing alone cannot see).
     ``prune_dominated`` skips training candidates priced no faster than the teacher's own
     block at their site (the ILP could never pick them under a latency budget);
     ``prune_above < 1`` also skips those priced at or above that fraction of the teacher's
@@ -570,8 +527,6 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     """
     if score not in SCORES:
         raise PassError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if site_pricing not in SITE_PRICING:
-        raise PassError(f"unknown site_pricing {site_pricing!r}; choose one of {', '.join(SITE_PRICING)}")
     inputs = as_input_tuple(example_inputs)
     cost_model = get_cost_model(cost)
     gm = trace(teacher.eval() if not teacher.training else copy.deepcopy(teacher).eval(), inputs)
@@ -609,13 +564,9 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
                                  "calibration_batches": calibration_batches,
                                  "candidates": {s: sorted(m) for s, m in modules.items()}})
         prices = _price_all(chosen_sites, modules, cost_model, cost_name, run_dir, show_progress)
-        if site_pricing == "in_context":
-            prices = _price_in_context(gm, chosen_sites, modules, prices, inputs, cost_model, cost_name, run_dir,
-                                       show_progress)
     if ctx.world > 1:      # every rank prunes by rank 0's prices, so all agree on the job list
         dist.barrier()
-        saved = json.loads((run_dir / "prices.json").read_text())
-        prices = saved[f"{cost_name} in context" if site_pricing == "in_context" else cost_name]
+        prices = json.loads((run_dir / "prices.json").read_text())[cost_name]
 
     trainable: dict[str, dict[str, Callable[[], nn.Module]]] = {}
     for site in chosen_sites:
@@ -671,16 +622,10 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     if teacher_sites > whole_teacher > 0:
         # Sites priced alone can add up to more than the whole teacher (a runtime shares per-kernel
         # work, such as layout reorders, across a graph that it repeats for each site alone): scale
-        # every site price so that the teacher's sites and the whole teacher agree. Prices in context
-        # are the teacher's block plus a measured change: only the block's part is scaled (each site's
-        # options shift alike), so the changes stay as measured.
+        # every site price so that the teacher's sites and the whole teacher agree.
         for site_options in options.values():
-            block = site_options[TEACHER].latency_s
             for option in site_options.values():
-                if site_pricing == "in_context":
-                    option.latency_s = max(option.latency_s - block * (1 - whole_teacher / teacher_sites), 0.0)
-                else:
-                    option.latency_s *= whole_teacher / teacher_sites
+                option.latency_s *= whole_teacher / teacher_sites
         teacher_sites = whole_teacher
     fixed = whole_teacher - teacher_sites
     # budgets are fractions of the whole teacher under the cost model (sites + the rest); the
