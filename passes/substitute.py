@@ -347,41 +347,15 @@ def _cost_name(cost: Any, cost_model: Any) -> str:
     return cost if isinstance(cost, str) else str(getattr(cost_model, "name", type(cost_model).__name__))
 
 
-def _site_output_shape(site: Site) -> tuple[int, ...]:
-    n, _, *spatial = site.input_shape
-    return (n, site.shape.out_channels, *(-(-size // site.shape.stride) for size in spatial))
-
-
-def _boundary(shape: tuple[int, ...], cost_model: Any, overhead: float) -> float:
-    """What a graph priced alone pays at its edges, beyond the per-call ``overhead``, for a tensor
-    of ``shape``: layout changes into and out of the runtime's blocked format (onnxruntime's NCHWc
-    reorders), which a site pays once priced alone and not at all inside the network.
-
-    Probed as ``2 * price(one) - price(two) - overhead``, where ``one`` is a 1x1 conv + ReLU
-    keeping ``shape`` and ``two`` is two of them in a row: the ops inside cancel, the edges
-    remain. Zero for any additive (analytical) model; never negative.
-    """
-    channels = shape[1]
-
-    def block() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
-
-    one = _price(block(), shape, cost_model)[0]
-    two = _price(nn.Sequential(block(), block()), shape, cost_model)[0]
-    return max(2 * one - two - overhead, 0.0)
-
-
 def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], nn.Module]]], cost_model: Any,
                cost_name: str, run_dir: Path, show_progress: bool) -> dict[str, dict[str, list]]:
     """``{site: {candidate: [latency_s, params, macs]}}`` of every candidate, persisted in the run directory.
 
-    A site priced alone carries costs the assembled network pays once, not once per site:
-    the runtime's fixed per-call cost (session launch, input copy: an identity priced at the
-    site's input shape) and its layout changes at the graph's edges (:func:`_boundary`, the
-    mean of the probes at the site's input and output shapes). Both are taken off every
-    candidate's price (zero for analytical models). Prices are written to ``prices.json``
-    (per cost model) so that a resumed or sharded run uses the same numbers, and so the same
-    candidates are pruned, on every rank.
+    A site priced alone carries the runtime's fixed per-call cost (session launch, input
+    copy), which the assembled network pays once, not once per site: an identity is
+    priced at each input shape and taken off (zero for analytical models). Prices are
+    written to ``prices.json`` (per cost model) so that a resumed or sharded run uses the
+    same numbers, and so the same candidates are pruned, on every rank.
     """
     from tqdm.auto import tqdm
 
@@ -390,13 +364,10 @@ def _price_all(sites: Sequence[Site], modules: dict[str, dict[str, Callable[[], 
     prices: dict[str, dict[str, list]] = saved.get(cost_name, {})
     todo = [(s, c) for s in sites for c in modules[s.name] if c not in prices.get(s.name, {})]
     if todo:
-        shapes = sorted({shape for site in sites for shape in (site.input_shape, _site_output_shape(site))})
-        overhead = {shape: _price(nn.Identity(), shape, cost_model)[0] for shape in shapes}
-        boundary = {shape: _boundary(shape, cost_model, overhead[shape]) for shape in shapes}
+        overhead = {site.input_shape: _price(nn.Identity(), site.input_shape, cost_model)[0] for site in sites}
         for site, name in tqdm(todo, desc="price candidates", disable=not show_progress, unit="op"):
             latency, params, macs = _price(modules[site.name][name](), site.input_shape, cost_model)
-            edges = overhead[site.input_shape] + (boundary[site.input_shape] + boundary[_site_output_shape(site)]) / 2
-            prices.setdefault(site.name, {})[name] = [max(latency - edges, 0.0), params, macs]
+            prices.setdefault(site.name, {})[name] = [max(latency - overhead[site.input_shape], 0.0), params, macs]
         saved[cost_name] = prices
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

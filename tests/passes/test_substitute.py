@@ -197,32 +197,16 @@ hant.cost_models.register("flops_latency_test", lambda arg: _MacsAsLatency())
 
 
 class _SharedWork(_MacsAsLatency):
-    """MACs, with a discount for whole networks (graphs with a linear head) that no probe of a
-    site's edges sees: parts priced alone add up to more than the whole."""
+    """MACs plus a cost that grows slower than the node count: parts priced alone add up to
+    more than the whole, as sites timed alone do on a real runtime."""
     name = "shared_work_test"
 
     def graph_cost(self, gm):
         report = self.flops.graph_cost(gm)
-        whole = any(row.kind == "linear" for row in report.rows)
-        return report.with_total_latency(float(report.total.macs) * (0.5 if whole else 1.0))
+        return report.with_total_latency(float(report.total.macs) + 1e4 * len(report.rows) ** 0.5)
 
 
 hant.cost_models.register("shared_work_test", lambda arg: _SharedWork())
-
-
-class _CostlyEdges(_MacsAsLatency):
-    """MACs plus a fixed cost per call and a cost per graph input and output element (a layout
-    change at the edges, as onnxruntime's NCHWc reorders)."""
-    name = "costly_edges_test"
-
-    def graph_cost(self, gm):
-        report = self.flops.graph_cost(gm)
-        edges = sum(n.meta["tensor_meta"].shape.numel() for n in gm.graph.find_nodes(op="placeholder"))
-        edges += next(iter(gm.graph.find_nodes(op="output"))).args[0].meta["tensor_meta"].shape.numel()
-        return report.with_total_latency(float(report.total.macs) + 5e3 + (7.0 * edges if report.total.macs else 0))
-
-
-hant.cost_models.register("costly_edges_test", lambda arg: _CostlyEdges())
 
 
 def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tmp_path):
@@ -235,22 +219,6 @@ def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tm
     assert result.teacher_latency_s == pytest.approx(whole.latency_s, rel=1e-9)
     assert result.fixed_latency_s == pytest.approx(0.0, abs=1e-6) and alone == pytest.approx(whole.latency_s, rel=1e-9)
     assert result.solve(1.0).choice == {s.name: "teacher" for s in result.sites}
-
-
-def test_site_prices_leave_out_the_per_call_cost_and_the_edges(tmp_path):
-    """A site priced alone pays the runtime's per-call cost and its edges; the network pays them once."""
-    from hant.passes import PassManager
-    teacher, x = _tiny(), torch.randn(1, 1, 12, 12)
-    result = substitute(teacher, x, _batches(), budget=1.0, cost="costly_edges_test", candidates=["identity"],
-                        run_dir=tmp_path, steps=2, show_progress=False)
-    flops = hant.cost_models.get("flops")
-    exact = PassManager("exact", cost=None, check=None)(hant.trace(teacher, x)).graph_module
-    sites_macs = sum(r.cost.macs for r in flops.graph_cost(exact).rows if r.kind == "conv")
-    alone = sum(result.options[s.name]["teacher"].latency_s for s in result.sites)
-    # the teacher's sites are priced at their MACs (edges and per-call cost off), up to the edge
-    # probe's estimate, which averages the input and output edges of each site
-    assert alone == pytest.approx(sites_macs, rel=0.05)
-    assert result.fixed_latency_s > 5e3 * 0.99     # the network's one call and its own edges stay outside the sites
 
 
 def test_budget_one_keeps_the_teacher(tiny_result):
