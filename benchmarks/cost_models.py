@@ -1,7 +1,8 @@
 """How well each cost model predicts this CPU: real torchvision classifiers, measured, against the predictions.
 
-    python benchmarks/cost_models.py [--quick] [--stage measure|profile|features|fit|report|all] [--threads 1]
-                                     [--n 300] [--node-nets 16] [--profile-minutes M] [--work runs/cost_models]
+    python benchmarks/cost_models.py [--quick] [--stage measure|profile|kernels|kernel-lists|features|fit|diagnose|
+                                     report|all] [--threads 1] [--n 300] [--node-nets 16] [--profile-minutes M]
+                                     [--fit gnn,perop,kernel] [--work runs/cost_models]
 
 1. ``measure``: the evaluation set, ~15 torchvision classifiers (random weights, batch 1, 224x224),
    each timed whole with onnxruntime at ``--threads`` into ``WORK/eval.db`` (stored: reruns are free).
@@ -13,6 +14,10 @@
 3. ``fit``: featurise the stored networks once (cached in ``WORK/features.pkl``, resumable;
    ``--stage features`` does only that) and train the ``gnn`` and ``perop`` predictors on them
    as ``fit_db`` does (same split, 20 % held out) into ``WORK/gnn.pt``, ``WORK/perop.pt``.
+``kernels`` times kernels alone (random ones and those of ``--kernel-nets`` training networks),
+``kernel-lists`` caches each training network's kernels and layout reorders, ``diagnose``
+profiles a few evaluation networks per node in onnxruntime, whole and kernel by kernel alone,
+for the report's Diagnosis section (the kernel predictor never sees these numbers).
 4. ``report``: calibrate the roofline on the training store's ops, fit the predictors unless
    saved, then compare FLOPs,
    params, the roofline (preset and calibrated), the lookup table and both learned models
@@ -39,11 +44,12 @@ sys.path.insert(0, HERE)
 
 from common import environment_line  # noqa: E402
 
-from hant.cost_models.evaluate import compare, measure_networks  # noqa: E402
+from hant.cost_models.evaluate import compare  # noqa: E402
 from hant.cost_models.lut import LutModel  # noqa: E402
 from hant.cost_models.profile import profile  # noqa: E402
 from hant.cost_models.roofline import RooflineModel  # noqa: E402
 from hant.cost_models.store import LatencyStore  # noqa: E402
+from hant.cost_models.timing import TimingConfig  # noqa: E402
 from hant.graphs import trace  # noqa: E402
 
 EVAL_NETWORKS = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
@@ -52,6 +58,10 @@ EVAL_NETWORKS = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_
 QUICK_NETWORKS = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5"]
 BIG_GRAPH = "efficientnet_b7"      # about 1,000 nodes: the speed target's graph
 INPUT = (1, 3, 224, 224)
+# Whole networks (evaluation and training alike): at least 40 timing blocks (or 2 s), so that the fastest
+# block escapes the other jobs on a shared machine; the library default stops after 5 blocks once the
+# median is stable, and on this machine such fastest blocks were up to 10-30 % slow.
+NETWORK_TIMING = TimingConfig(warmup_s=0.05, min_samples=40, rel_ci=0.02, time_cap_s=2.0)
 
 
 def load_graphs(names: list[str]) -> dict:
@@ -68,19 +78,26 @@ def load_graphs(names: list[str]) -> dict:
 
 
 def stage_measure(args) -> dict:
+    """The evaluation networks, each timed whole (:data:`NETWORK_TIMING`) into ``WORK/eval.db`` (reused)."""
+    from tqdm.auto import tqdm
+
+    from hant.cost_models.measured import MeasuredModel
+
     graphs = load_graphs(args.networks)
-    return graphs, measure_networks(graphs, "onnxruntime", threads=args.threads, db=args.eval_db)
+    model = MeasuredModel("cpu", "onnxruntime", threads=args.threads, store=args.eval_db, graph_timing=NETWORK_TIMING)
+    return graphs, {name: model.graph_latency(gm) for name, gm in tqdm(graphs.items(), desc="measure", unit="net")}
 
 
 def stage_profile(args) -> None:
     space = "tiny" if args.quick else "default"
     profile(min(args.node_nets, args.n), args.train_db, threads=args.threads, seed=args.seed, measure_nodes=True,
-            space=space)
+            space=space, graph_timing=NETWORK_TIMING)
     deadline = time.monotonic() + args.profile_minutes * 60
     done = min(args.node_nets, args.n)
     while done < args.n and time.monotonic() < deadline:
         done = min(done + args.chunk, args.n)
-        profile(done, args.train_db, threads=args.threads, seed=args.seed, measure_nodes=False, space=space)
+        profile(done, args.train_db, threads=args.threads, seed=args.seed, measure_nodes=False, space=space,
+                graph_timing=NETWORK_TIMING)
 
 
 def kernel_configs(args) -> list[dict]:
@@ -129,17 +146,18 @@ def stage_kernels(args) -> None:
 
 
 def stage_kernel_lists(args) -> dict:
-    """The kernel configurations of every stored training network (``WORK/kernel_lists.pkl``, keyed by
-    spec; resumable): what the kernel predictor's network calibration reads."""
+    """The :class:`~hant.cost_models.learned.kernels.KernelNetwork` (kernel configurations and layout
+    reorders) of every stored training network (``WORK/kernel_networks.pkl``, keyed by spec;
+    resumable): what the kernel predictor's network calibration reads."""
     import pickle
 
     from tqdm.auto import tqdm
 
-    from hant.cost_models.learned.kernels import extract_kernels
+    from hant.cost_models.learned.kernels import kernel_network
     from hant.cost_models.netspace import build
     from hant.cost_models.store import spec_key
 
-    path = os.path.join(args.work, "kernel_lists.pkl")
+    path = os.path.join(args.work, "kernel_networks.pkl")
     cache = {}
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -148,12 +166,180 @@ def stage_kernel_lists(args) -> dict:
         todo = [r for r in store.networks(runtime="onnxruntime", threads=args.threads) if spec_key(r.spec) not in cache]
     for i, record in enumerate(tqdm(todo, desc="kernel lists", unit="net")):
         gm = trace(build(record.spec), torch.randn(*record.input_shape))
-        cache[spec_key(record.spec)] = [dict(k.config) for k in extract_kernels(gm)]
+        cache[spec_key(record.spec)] = kernel_network(gm)
         if i % 10 == 9 or i == len(todo) - 1:
             with open(path + ".tmp", "wb") as f:
                 pickle.dump(cache, f)
             os.replace(path + ".tmp", path)
     return cache
+
+
+DIAGNOSE_NETWORKS = ["mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_x_400mf", "regnet_y_400mf",
+                     "resnet18", "efficientnet_b0", "mobilenet_v2"]
+_REORDER_OPS = ("ReorderInput", "ReorderOutput")
+
+
+def _op_category(op: str) -> str:
+    if op in _REORDER_OPS:
+        return "reorder"
+    if op in ("Conv", "FusedConv", "Gemm", "MatMul"):
+        return "conv_gemm"
+    if op in ("Transpose", "Reshape", "Concat", "Split", "Flatten", "Slice", "Identity"):
+        return "move"
+    if "Pool" in op or op.startswith("Reduce"):
+        return "pool"
+    return "elementwise"
+
+
+def profiled_run(model_bytes: bytes, inputs: list, threads: int, runs: int, folder: str) -> dict:
+    """Run an onnxruntime session (all graph optimisations, ``threads`` intra-op threads) ``runs`` times
+    with per-node profiling; drop the first third as warm-up. Returns the fastest ``model_run`` (µs),
+    and per node its op type and median µs."""
+    import json as json_
+    import statistics
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(folder, "profile")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    feed = {i.name: t for i, t in zip(session.get_inputs(), inputs)}
+    for _ in range(runs):
+        session.run(None, feed)
+    path = session.end_profiling()
+    with open(path) as f:
+        events = json_.load(f)
+    os.remove(path)
+    keep = runs // 3
+    run_us = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][keep:]
+    per_node, op_of = {}, {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            name = e["name"][:-len("_kernel_time")]
+            per_node.setdefault(name, []).append(e["dur"])
+            op_of[name] = e["args"]["op_name"]
+    return {"run_min_us": min(run_us),
+            "nodes": {n: (op_of[n], statistics.median(v[keep:])) for n, v in per_node.items()}}
+
+
+def stage_diagnose(args) -> None:
+    """Per-node onnxruntime profiles of ``DIAGNOSE_NETWORKS`` whole and of each of their kernels alone,
+    next to what the kernel predictor (``WORK/kernel.pt``) says, into ``WORK/diagnosis.json``.
+
+    Whole networks: 60 profiled runs; kernels alone (each distinct configuration once): 45. The
+    per-node times are grouped into convolutions and GEMMs, layout reorders, data movement, pools
+    and elementwise ops, so the isolation-to-network gap can be split into its causes. Profiling
+    adds a few µs per node, so the fastest profiled run is above the unprofiled measurement."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from hant.cost_models.learned import load_predictor
+    from hant.cost_models.learned.kernels import (
+        build_kernel, kernel_bytes, kernel_rows, kernels_and_facts, layout_reorders,
+    )
+    from hant.cost_models.learned.kernel_model import KernelCostModel
+    from hant.cost_models.store import canonical_json
+    from hant.cost_models.timing import export_onnx_bytes
+
+    predictor = load_predictor(os.path.join(args.work, "kernel.pt"))
+    model = KernelCostModel(predictor)
+    graphs = load_graphs(DIAGNOSE_NETWORKS)
+    folder = tempfile.mkdtemp(prefix="hant-diagnose-")
+    result = {}
+    for name, gm in tqdm(graphs.items(), desc="diagnose", unit="net"):
+        x = torch.randn(*INPUT)
+        whole = profiled_run(export_onnx_bytes(gm, (x,)), [x.numpy()], args.threads, 60, folder)
+        kernels, facts = kernels_and_facts(gm)
+        reorders = layout_reorders(gm, kernels, facts)
+        seconds = predictor.kernel_seconds(kernel_rows(k.config for k in kernels))
+        alone_of: dict[str, dict] = {}
+        alone = []
+        for kernel in kernels:
+            key = canonical_json(kernel.config)
+            if key not in alone_of:
+                module, inputs = build_kernel(kernel.config)
+                alone_of[key] = profiled_run(export_onnx_bytes(module, inputs), [t.numpy() for t in inputs],
+                                             args.threads, 45, folder)
+            alone.append(alone_of[key])
+        net_cat, alone_cat, ort_reorders = {}, {}, {op: 0 for op in _REORDER_OPS}
+        for op, us in whole["nodes"].values():
+            net_cat[_op_category(op)] = net_cat.get(_op_category(op), 0.0) + us
+            if op in _REORDER_OPS:
+                ort_reorders[op] += 1
+        for run in alone:
+            for op, us in run["nodes"].values():
+                alone_cat[_op_category(op)] = alone_cat.get(_op_category(op), 0.0) + us
+        report = model.graph_cost(gm)
+        result[name] = {
+            "profiled_run_min_us": whole["run_min_us"], "ort_nodes": len(whole["nodes"]),
+            "net_us": net_cat, "alone_us": alone_cat,
+            "alone_runs_us": sum(r["run_min_us"] for r in alone),
+            "alone_nodes_us": sum(us for r in alone for _, us in r["nodes"].values()),
+            "kernels": len(kernels), "weight_mb": sum(kernel_bytes(k.config)[2] for k in kernels) * 4 / 1e6,
+            "ort_reorders": ort_reorders,
+            "our_reorders": {"ReorderInput": sum(r.to_blocked for r in reorders),
+                             "ReorderOutput": sum(not r.to_blocked for r in reorders)},
+            "predicted_alone_us": float(seconds.sum() * 1e6), "predicted_us": report.latency_s * 1e6,
+            "predicted_reorders_us": float(predictor.reorder_seconds([r.elements for r in reorders]).sum() * 1e6),
+        }
+    result["_reorder_check"] = reorder_check(load_graphs(EVAL_NETWORKS), folder)
+    with open(os.path.join(args.work, "diagnosis.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(diagnosis_table(result))
+
+
+def reorder_check(graphs: dict, folder: str) -> dict:
+    """Per network, onnxruntime's reorder nodes in its optimised graph (``optimized_model_filepath``) and
+    the ones :func:`~hant.cost_models.learned.kernels.layout_reorders` finds: ``[ort_in, ort_out, in, out]``."""
+    import onnx
+    import onnxruntime as ort
+
+    from hant.cost_models.learned.kernels import kernels_and_facts, layout_reorders
+    from hant.cost_models.timing import export_onnx_bytes
+
+    counts = {}
+    for name, gm in graphs.items():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(export_onnx_bytes(gm, (torch.randn(*INPUT),)), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        kernels, facts = kernels_and_facts(gm)
+        ours = layout_reorders(gm, kernels, facts)
+        counts[name] = [ops.count("ReorderInput"), ops.count("ReorderOutput"), sum(r.to_blocked for r in ours),
+                        sum(not r.to_blocked for r in ours)]
+    return counts
+
+
+def diagnosis_table(result: dict) -> str:
+    """The markdown table of :func:`stage_diagnose`'s numbers (ms)."""
+    from tabulate import tabulate
+
+    rows = []
+    for name, d in result.items():
+        if name.startswith("_"):
+            continue
+        net, alone = d["net_us"], d["alone_us"]
+        gap = net.get("conv_gemm", 0.0) - alone.get("conv_gemm", 0.0)
+        rows.append([name, f"{d['profiled_run_min_us'] / 1e3:.2f}", f"{net.get('conv_gemm', 0) / 1e3:.2f}",
+                     f"{alone.get('conv_gemm', 0) / 1e3:.2f}", f"{gap / 1e3:+.2f}", f"{d['weight_mb']:.1f}",
+                     f"{gap / 1e3 / max(d['weight_mb'], 1e-9):.3f}",
+                     f"{sum(d['ort_reorders'].values())} / {sum(d['our_reorders'].values())}",
+                     f"{net.get('reorder', 0) / 1e3:.2f}", f"{d['predicted_reorders_us'] / 1e3:.2f}",
+                     f"{alone.get('reorder', 0) / 1e3:.2f}",
+                     f"{(d['alone_runs_us'] - d['alone_nodes_us']) / 1e3:.2f} ({d['kernels']})",
+                     f"{net.get('move', 0) / 1e3:.2f} / {alone.get('move', 0) / 1e3:.2f}"])
+    return tabulate(rows, ["network", "whole, profiled", "conv+gemm in net", "same alone", "in net − alone",
+                           "weights MB", "ms per MB", "reorders ORT / ours", "reorders in net",
+                           "predicted reorders", "reorders alone", "session overhead alone (kernels)",
+                           "moves net / alone"], tablefmt="github", disable_numparse=True)
 
 
 def stage_report(args) -> None:
@@ -290,7 +476,7 @@ def stage_fit(args, kinds=("gnn", "perop", "kernel")) -> None:
         with LatencyStore(args.train_db) as store:
             records = list(store.networks(runtime="onnxruntime", threads=args.threads))
         result = fit_db(args.train_db, model="kernel", out=os.path.join(args.work, "kernel.pt"), seed=args.seed,
-                        runtime="onnxruntime", kernel_lists=[lists[spec_key(r.spec)] for r in records],
+                        runtime="onnxruntime", kernel_networks=[lists[spec_key(r.spec)] for r in records],
                         config={"steps": 200} if args.quick else None, verbose=False)
         print(f"kernel on {result.predictor.metadata['kernels']} kernels, calibrated on "
               f"{len(result.train_rows)} networks: {format_metrics(result.metrics)}")
@@ -325,10 +511,23 @@ def write_results(args, comparison, by_fastest, summary, predictors, speed, big_
     held = {k: p.metadata["held_out"] for k, p in predictors.items()}
     trained_on = {k: p.metadata["networks"] for k, p in predictors.items()}
     kernel = predictors["kernel"].metadata
+    coefficients = kernel["calibration"]["coefficients"]
+    units = {"kernel_sum": (1, "·Σkernels"), "kernels": (1e6, " µs·#kernels"), "constant": (1e6, " µs"),
+             "reorder_elements": (1e9, " ns·reorder elements"), "isolation_elements": (1e9, " ns·isolation elements"),
+             "isolation_nodes": (1e6, " µs·#isolation nodes"),
+             "layout_elements": (1e9, " ns·(reorder − isolation elements)"), "reorders": (1e6, " µs·#reorders"),
+             "weight_elements": (1e9, " ns·weight elements")}
+    law = " + ".join(f"{v * units[t][0]:.4g}{units[t][1]}" for t, v in coefficients.items())
     with LatencyStore(args.train_db) as store:
         window = store._connection().execute("SELECT MIN(created), MAX(created) FROM ops WHERE kind='kernel'"
                                              ).fetchone()
-    when = " to ".join(time.strftime("%H:%M UTC", time.gmtime(t)) for t in window) if window[0] else "never"
+        networks = store._connection().execute("SELECT MIN(created), MAX(created) FROM networks").fetchone()
+    with LatencyStore(args.eval_db) as store:
+        evaluated = store._connection().execute("SELECT MIN(created), MAX(created) FROM graphs").fetchone()
+
+    def span(w) -> str:
+        return " to ".join(time.strftime("%H:%M UTC", time.gmtime(t)) for t in w) if w[0] else "never"
+    when = span(window)
     load = os.getloadavg()
     ratio = {n: comparison.measured_s[n] / by_fastest.measured_s[n] for n in comparison.measured_s}
     worst = max(ratio, key=ratio.get)
@@ -342,25 +541,28 @@ def write_results(args, comparison, by_fastest, summary, predictors, speed, big_
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Training data (never any torchvision network): {n_nets} random networks from hant's network space "
-        f"(`hant profile`, seed {args.seed}, 96..320 px), measured whole with the same runtime and threads; "
-        f"{args.node_nets} of them also op by op ({n_ops} distinct ops), which the calibrated "
-        f"roofline ({summary.samples} op samples, op-level MAPE {summary.mape_before:.0%} -> "
+        f"(`hant profile`, seed {args.seed}, 96..320 px; families ResNet, MobileNetV2/V3, EfficientNet, RegNet, "
+        f"ShuffleNetV2-like, SqueezeNet-like and mixed), measured whole with the same runtime and threads "
+        f"(at least 40 timing blocks each); the op store holds {n_ops} distinct ops timed op by op, which the "
+        f"calibrated roofline ({summary.samples} op samples, op-level MAPE {summary.mape_before:.0%} -> "
         f"{summary.mape_after:.0%}) and the lookup table use. The learned models are fitted as `fit_db` "
-        f"fits them (20 % of the networks held out), each network featurised once for both.",
+        f"fits them (20 % of the networks held out).",
         "",
         f"Kernel predictor (`learned kernel`): {kernel['kernels']} kernels (fused conv+BN+act, depthwise, "
-        f"grouped, pointwise, linear, pools, add(+act), SE multiplies, concatenations, transposes) timed alone "
-        f"in onnxruntime: random configurations covering channels 3..2048, spatial 1..~300, k 1/3/5/7, "
-        f"stride 1/2, dense/depthwise/grouped, plus the distinct kernels of 30 training networks; an MLP on log latency of each kernel's fastest timing block; a network is "
-        f"a·Σkernels + b·#kernels + c with a = {kernel['calibration']['a']:.3f}, "
-        f"b = {kernel['calibration']['b_us']:.2f} µs, c = {kernel['calibration']['c_us']:.1f} µs fitted "
-        f"(robust least squares) on {kernel['calibration']['networks']} training networks; the kernels alone "
-        f"sum to {kernel['calibration']['sum_over_whole_median']:.2f}x the whole network (median): "
-        f"onnxruntime's per-run overhead and layout reorders, paid by every kernel alone, shared in a network.",
+        f"grouped, pointwise, linear, pools, add(+act), SE multiplies, concatenations, transposes, splits) timed "
+        f"alone in onnxruntime: random configurations covering channels 3..2048, spatial 1..~300, k 1/3/5/7, "
+        f"stride 1/2, dense/depthwise/grouped, plus the distinct kernels of {args.kernel_nets} training "
+        f"networks; an MLP on log latency of each kernel's fastest timing block. A network is "
+        f"{law} (seconds; robust least squares on {kernel['calibration']['networks']} training networks, terms "
+        f"chosen by 5-fold cross-validation on them: see Diagnosis); the reorders are the NCHWc layout "
+        f"conversions onnxruntime inserts, found on the FX graph (`layout_reorders`), the isolation elements "
+        f"what the nodes each kernel runs only when timed alone (its reorders, an unfused HardSwish) pass over. The kernels alone sum to "
+        f"{kernel['calibration']['sum_over_whole_median']:.2f}x the whole network (median).",
         "",
         f"Conditions: the machine (2 logical CPUs) was shared with other engineers' training and benchmarks "
-        f"throughout; the kernels were timed {when}, the evaluation and "
-        f"training networks earlier (see the previous results); load average when this report was written: "
+        f"throughout; the kernels were timed {when}, the training networks {span(networks)}, the evaluation "
+        f"networks {span(evaluated)} (all {time.strftime('%Y-%m-%d', time.gmtime(window[1] or 0))}); load average "
+        f"when this report was written: "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min). Latency measurements ran at normal "
         f"priority with 1 intra-op thread.",
         "",
@@ -379,8 +581,9 @@ def write_results(args, comparison, by_fastest, summary, predictors, speed, big_
         "",
         *(f"- {line}" for line in failures),
         *([""] if failures else []),
-        f"Learned models fitted on 80 % of {max(trained_on.values())} stored networks; on the held-out 20 % "
-        f"(random networks, same distribution as training): "
+        f"Learned models fitted on 80 % of the stored networks (gnn and perop: the previous run's "
+        f"{trained_on['gnn']} networks, not refitted; kernel: {trained_on['kernel']}); on their held-out 20 % "
+        f"(random networks, same distribution as training, against medians): "
         + "; ".join(f"{k}: τ {m['kendall_tau']:.3f}, ±10 % {m['within10_pct']:.0f}%, MAPE {m['mape_pct']:.1f}%"
                     f" (n={m['n']})" for k, m in held.items()),
         "",
@@ -400,6 +603,7 @@ def write_results(args, comparison, by_fastest, summary, predictors, speed, big_
         "Fastest timing block of each evaluation network (ms): "
         + ", ".join(f"{n} {v * 1e3:.2f}" for n, v in sorted(by_fastest.measured_s.items(), key=lambda kv: kv[1])),
         "",
+        *diagnosis_section(args),
         *REPRODUCE,
     ]
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -416,16 +620,58 @@ def write_results(args, comparison, by_fastest, summary, predictors, speed, big_
     print(f"wrote {path}")
 
 
+def diagnosis_section(args) -> list[str]:
+    """The "Diagnosis" section: ``WORK/diagnosis.json`` (``--stage diagnose``) and the calibration's term
+    selection, as markdown lines (empty without a diagnosis)."""
+    from tabulate import tabulate
+
+    path = os.path.join(args.work, "diagnosis.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        result = json.load(f)
+    import torch as torch_
+
+    calibration = torch_.load(os.path.join(args.work, "kernel.pt"), weights_only=False)["metadata"]["calibration"]
+    check = result.get("_reorder_check", {})
+    exact = sum(v[:2] == v[2:] for v in check.values())
+    return [
+        "## Diagnosis",
+        "",
+        "Per-node onnxruntime profiles (`--stage diagnose`: `SessionOptions.enable_profiling`, all graph "
+        "optimisations, 1 thread; 60 runs whole, 45 runs for each distinct kernel alone; medians per node, ms). "
+        "`conv+gemm in net` is the time the network's Conv/FusedConv/Gemm nodes take inside it, `same alone` "
+        "the same kernels' Conv/Gemm nodes timed alone; `reorders` are ReorderInput/ReorderOutput nodes (in the "
+        "network; inside the kernels timed alone); `session overhead alone` is the kernels' `session.run` time "
+        "beyond their nodes, summed; `moves` are Transpose/Reshape/Concat/Split/Flatten.",
+        "",
+        diagnosis_table(result),
+        "",
+        f"Reorders: onnxruntime's optimised graph (`optimized_model_filepath`) against `layout_reorders` on the FX "
+        f"graph, ReorderInput + ReorderOutput nodes, all {len(check)} evaluation networks ({exact} exact): "
+        + ", ".join(f"{n} {v[0] + v[1]}/{v[2] + v[3]}" for n, v in check.items()),
+        "",
+        "Calibration terms, 5-fold cross-validated MAPE (%) on the calibration networks (training networks "
+        "only; the lowest is used):",
+        "",
+        tabulate([[t.replace("+", " + "), f"{v:.2f}"] for t, v in calibration["cv_mape_pct"].items()],
+                 ["terms", "CV MAPE (%)"], tablefmt="github", disable_numparse=True),
+        "",
+    ]
+
+
 REPRODUCE = [
     "Reproduce (the stores are resumable; each stage skips what is stored):",
     "",
     "```",
-    "python benchmarks/cost_models.py --stage measure --work runs/cost_models_k      # 15 torchvision nets, whole",
-    "python benchmarks/cost_models.py --stage profile --work runs/cost_models_k --n 300 --node-nets 16",
-    "python benchmarks/cost_models.py --stage kernels --work runs/cost_models_k --kernels 3000 --kernel-nets 30",
-    "python benchmarks/cost_models.py --stage kernel-lists --work runs/cost_models_k",
-    "python benchmarks/cost_models.py --stage fit --work runs/cost_models_k",
-    "python benchmarks/cost_models.py --stage report --work runs/cost_models_k",
+    "python benchmarks/cost_models.py --stage measure --work runs/cost_models_k2      # 15 torchvision nets, whole",
+    "python benchmarks/cost_models.py --stage profile --work runs/cost_models_k2 --n 400 --node-nets 0",
+    "python benchmarks/cost_models.py --stage kernels --work runs/cost_models_k2 --kernels 3000 --kernel-nets 30",
+    "python benchmarks/cost_models.py --stage kernels --work runs/cost_models_k2 --kernels 3000 --kernel-nets 60",
+    "python benchmarks/cost_models.py --stage kernel-lists --work runs/cost_models_k2",
+    "python benchmarks/cost_models.py --stage fit --fit kernel --work runs/cost_models_k2",
+    "python benchmarks/cost_models.py --stage diagnose --work runs/cost_models_k2   # per-node profiles",
+    "python benchmarks/cost_models.py --stage report --work runs/cost_models_k2 --kernel-nets 60",
     "```",
     "",
     "or with the command line: `hant profile --n 300 --kernels 3000 --out data.db`, "
@@ -437,7 +683,8 @@ REPRODUCE = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: few small networks, tiny space")
-    parser.add_argument("--stage", choices=("measure", "profile", "kernels", "kernel-lists", "features", "fit", "report", "all"),
+    parser.add_argument("--stage", choices=("measure", "profile", "kernels", "kernel-lists", "features", "fit", "diagnose",
+                                            "report", "all"),
                         default="all", help="fit: (re)fit both predictors; report fits them only when not saved")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--n", type=int, default=300, help="training networks to profile (default 300)")
@@ -450,6 +697,7 @@ def main() -> None:
     parser.add_argument("--kernel-nets", type=int, default=300, help="training networks whose kernels are timed")
     parser.add_argument("--kernel-minutes", type=float, default=float("inf"),
                         help="stop timing kernels after this many minutes")
+    parser.add_argument("--fit", default="gnn,perop,kernel", help="predictors --stage fit fits (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder of the stores and predictors (default runs/cost_models)")
     args = parser.parse_args()
@@ -472,7 +720,9 @@ def main() -> None:
     if args.stage == "features":
         stage_features(args)
     if args.stage == "fit":
-        stage_fit(args)
+        stage_fit(args, tuple(args.fit.split(",")))
+    if args.stage == "diagnose":
+        stage_diagnose(args)
     if args.stage in ("report", "all"):
         stage_report(args)
 

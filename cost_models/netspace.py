@@ -12,6 +12,11 @@ come from, so a predictor trained on them meets familiar blocks in torchvision m
   hardsigmoid, a hidden linear layer in the head;
 * ``efficientnet``: MBConv with squeeze-excite (sigmoid gate) and SiLU;
 * ``regnet``: grouped bottlenecks (bottleneck ratio 1, fixed group width), optional SE (RegNetY);
+* ``shufflenet``: ShuffleNetV2 units (split the channels in two, convolve one half with
+  1x1 / depthwise kxk / 1x1, concatenate, shuffle the channels), max-pool stem; channels
+  are even but need not fill SIMD blocks (onnxruntime then runs them NCHW);
+* ``squeezenet``: fire modules (1x1 squeeze, then 1x1 and 3x3 expands concatenated), max
+  pools between stages, max-pool stem;
 * ``mixed``: every stage draws its own block type, activation, kernel and SE.
 
 Widths, depths, kernels (3, 5, 7), expansions, strides, activations, SE and the input
@@ -45,8 +50,8 @@ __all__ = ["NetSpace", "SPACES", "FAMILIES", "BLOCKS", "ACTIVATIONS", "sample_sp
            "validate_spec"]
 
 SPEC_VERSION = 1
-FAMILIES = ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "regnet", "mixed")
-BLOCKS = ("basic", "bottleneck", "inverted_residual", "mbconv", "regnet")
+FAMILIES = ("resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "regnet", "mixed", "shufflenet", "squeezenet")
+BLOCKS = ("basic", "bottleneck", "inverted_residual", "mbconv", "regnet", "shuffle", "fire")
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
 GATES = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
 KERNELS = (3, 5, 7)
@@ -97,6 +102,10 @@ def _stage(block: str, depth: int, channels: int, stride: int, kernel: int = 3, 
 
 
 def _sample_stage(rng: random.Random, family: str, index: int, channels: int, stride: int, depth: int) -> dict:
+    if family == "shufflenet":
+        return _stage("shuffle", depth, channels, stride, rng.choice((3, 3, 5)), 1, "relu")
+    if family == "squeezenet":
+        return _stage("fire", depth, channels, stride, 3, 1, "relu", bottleneck=rng.choice((0.125, 0.125, 0.25)))
     if family == "mixed":
         block = rng.choice(BLOCKS)
         act = rng.choice(tuple(ACTIVATIONS))
@@ -132,6 +141,8 @@ _BASE = {
     "efficientnet": (32, (16, 24, 40, 80, 112, 192, 320), 1280, 0),
     "regnet": (32, (48, 104, 208, 440), 0, 0),
     "mixed": (32, (24, 48, 96, 160, 256), 1024, 0),
+    "shufflenet": (24, (116, 232, 464), 1024, 0),
+    "squeezenet": (64, (128, 256, 384, 512), 0, 0),
 }
 
 
@@ -150,12 +161,12 @@ def sample_spec(rng: random.Random | int, space: NetSpace | str = "default") -> 
     width = rng.uniform(*space.width)
     n_stages = rng.randint(max(2, len(widths) - 2), len(widths))
     widths = sorted(rng.sample(widths, n_stages)) if n_stages < len(widths) else list(widths)
-    maxpool = family == "resnet" or (family == "mixed" and rng.random() < 0.3)
+    maxpool = family in ("resnet", "shufflenet", "squeezenet") or (family == "mixed" and rng.random() < 0.3)
     # the stem halves the input (twice with a max pool); stages may halve it until 1/32 in total
     strides = _strides(rng, n_stages, 3 if maxpool else 4)
     stages = []
     for i, (base, stride) in enumerate(zip(widths, strides)):
-        channels = _divisible(base * width * rng.uniform(0.8, 1.25))
+        channels = _divisible(base * width * rng.uniform(0.8, 1.25), 4 if family == "shufflenet" else 8)
         stages.append(_sample_stage(rng, family, i, channels, stride, rng.randint(1, space.depth)))
     act = stages[-1]["act"]
     spec = {
@@ -218,6 +229,8 @@ def validate_spec(spec: dict) -> None:
              stage["kernel"] in KERNELS and stage["expand"] >= 1 and stage["group_width"] >= 0 and
              0 < stage["bottleneck"] <= 4, f"stage {i} has a depth, channel, stride, kernel, expansion, "
                                             "group width or bottleneck out of range")
+        need(stage["block"] != "shuffle" or stage["channels"] % 2 == 0,
+             f"stage {i} is a shuffle stage with an odd channel count {stage['channels']} (it splits them in two)")
         need(stage["act"] in ACTIVATIONS and stage["se_gate"] in GATES,
              f"stage {i} act must be one of {tuple(ACTIVATIONS)} and se_gate one of {tuple(GATES)}")
     head = spec.get("head")
@@ -270,12 +283,55 @@ class Block(nn.Module):
         return y
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: when it keeps shape it splits the channels and convolves one half;
+    otherwise (stride 2 or new width) it convolves the whole input in two branches. The halves
+    are concatenated and their channels interleaved (a transpose)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, act: str):
+        super().__init__()
+        self.half = half = cout // 2
+        self.split = stride == 1 and cin == cout
+        if not self.split:
+            self.branch1 = nn.Sequential(_conv_bn(cin, cin, kernel, stride, groups=cin), _conv_bn(cin, half, 1, act=act))
+        inner = half if self.split else cin
+        self.branch2 = nn.Sequential(_conv_bn(inner, half, 1, act=act), _conv_bn(half, half, kernel, stride, groups=half),
+                                     _conv_bn(half, half, 1, act=act))
+
+    def forward(self, x):
+        if self.split:
+            a, b = x.chunk(2, 1)
+            y = torch.cat((a, self.branch2(b)), 1)
+        else:
+            y = torch.cat((self.branch1(x), self.branch2(x)), 1)
+        return y.unflatten(1, (2, self.half)).transpose(1, 2).flatten(1, 2)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands side by side, concatenated."""
+
+    def __init__(self, cin: int, cout: int, squeeze: int, act: str):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), ACTIVATIONS[act]())
+        self.expand1 = nn.Sequential(nn.Conv2d(squeeze, cout // 2, 1), ACTIVATIONS[act]())
+        self.expand3 = nn.Sequential(nn.Conv2d(squeeze, cout - cout // 2, 3, padding=1), ACTIVATIONS[act]())
+
+    def forward(self, x):
+        s = self.squeeze(x)
+        return torch.cat((self.expand1(s), self.expand3(s)), 1)
+
+
 def _groups(channels: int, group_width: int) -> int:
     return max(1, channels // group_width) if group_width else 1
 
 
-def _block(stage: dict, cin: int, stride: int) -> Block:
+def _block(stage: dict, cin: int, stride: int) -> nn.Module:
     kind, cout, k, act = stage["block"], stage["channels"], stage["kernel"], stage["act"]
+    if kind == "shuffle":
+        return ShuffleUnit(cin, cout, stride, k, act)
+    if kind == "fire":
+        fire = Fire(cin, cout, max(8, _divisible(cout * stage["bottleneck"])), act)
+        return nn.Sequential(nn.MaxPool2d(3, 2, 1), fire) if stride == 2 else fire
     se = SqueezeExcite
     if kind in ("basic", "bottleneck", "regnet"):
         shortcut = _conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None

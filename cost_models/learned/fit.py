@@ -371,7 +371,7 @@ def _held_out(predictor, predicted, measured, fit_seconds: float, train_rows, te
 
 def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLike | None = None,
            holdout: float = 0.2, seed: int = 0, runtime: str | None = None, device: str | None = None,
-           config: dict | None = None, verbose: bool = True, kernel_lists: list[list[dict]] | None = None
+           config: dict | None = None, verbose: bool = True, kernel_networks: list | None = None
            ) -> FitResult:
     """Train on the networks of a latency store and score the held-out ``holdout`` share.
 
@@ -379,9 +379,12 @@ def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLik
     stored input shape and featurised once. ``model="kernel"`` trains the kernel predictor
     (:mod:`~hant.cost_models.learned.kernel_model`) on the store's kernels timed alone
     (``hant profile --kernels N``) and calibrates its network sum on the training networks (both
-    at their fastest timing block, ``Spread.min_s``; it is still scored against the medians);
-    ``kernel_lists`` may give each stored network's kernel configurations (in store order) to
-    skip building and tracing them. Prints the held-out RMSE, MAPE, ±10 % share and Kendall
+    at their fastest timing block, ``Spread.min_s``; it is still scored against the medians), with
+    the calibration terms :func:`~hant.cost_models.learned.kernel_model.select_terms` picks by
+    5-fold cross-validation on the calibration networks (never on the held-out ones);
+    ``kernel_networks`` may give each stored network's
+    :class:`~hant.cost_models.learned.kernels.KernelNetwork` (in store order) to skip building
+    and tracing them. Prints the held-out RMSE, MAPE, ±10 % share and Kendall
     tau when ``verbose``. Raises :class:`CostModelError` for a missing store or one with fewer
     than 4 networks (or, for ``kernel``, fewer than 2 kernels) for the runtime/device asked.
     """
@@ -409,21 +412,25 @@ def fit_db(db_path: str | os.PathLike, model: str = "gnn", out: str | os.PathLik
     metadata = {"source": os.path.basename(os.fspath(db_path)), "runtime": runtime or records[0].runtime,
                 "device": device or records[0].device, "networks": len(records), "seed": seed}
     if model == "kernel":
-        from hant.cost_models.learned.kernel_model import train_kernels
-        from hant.cost_models.learned.kernels import extract_kernels
+        from hant.cost_models.learned.kernel_model import select_terms, train_kernels
+        from hant.cost_models.learned.kernels import kernel_network
 
         if len(kernels) < 2:
             raise CostModelError(f"{os.fspath(db_path)!r} holds {len(kernels)} kernels timed alone; time some "
                                  "with `hant profile --kernels N`")
-        if kernel_lists is None:
-            kernel_lists = [[k.config for k in extract_kernels(trace(build(r.spec), torch.randn(*r.input_shape)))]
-                            for r in records]
+        if kernel_networks is None:
+            kernel_networks = [kernel_network(trace(build(r.spec), torch.randn(*r.input_shape))) for r in records]
         predictor = train_kernels([k.signature["config"] for k in kernels], [k.spread.min_s for k in kernels],
                                   config=config, seed=seed, metadata=metadata)
         fastest = np.array([r.spread.min_s for r in records])
-        predictor.calibrate([kernel_lists[i] for i in train_rows], fastest[train_rows])
+        calibration_nets = [kernel_networks[i] for i in train_rows]
+        design = predictor.design(calibration_nets)
+        terms, scores = select_terms(design, fastest[train_rows]) if len(train_rows) >= 10 else (
+            ("kernel_sum", "kernels", "constant"), {})
+        predictor.calibrate(calibration_nets, fastest[train_rows], terms, design=design)
+        predictor.metadata["calibration"]["cv_mape_pct"] = {"+".join(t): v for t, v in scores.items()}
         fit_seconds = time.perf_counter() - started
-        predicted = predictor.predict_configs([kernel_lists[i] for i in test_rows])
+        predicted = predictor.predict_networks([kernel_networks[i] for i in test_rows])
         return _held_out(predictor, predicted, y[test_rows], fit_seconds, train_rows, test_rows, out,
                          f"kernel on {len(kernels)} kernels, calibrated on {len(train_rows)} networks"
                          if verbose else None)

@@ -11,11 +11,15 @@ from torchvision.models import mobilenet_v3_small, resnet18, shufflenet_v2_x0_5
 import hant
 from hant.cost_models import get
 from hant.cost_models.learned import FEATURE_NAMES, featurize
-from hant.cost_models.learned.kernel_model import KernelCostModel, KernelPredictor, train_kernels
-from hant.cost_models.learned.kernels import (
-    KERNEL_FEATURES, KERNEL_TYPES, build_kernel, extract_kernels, kernel_macs, kernel_rows, kernel_signature,
-    profile_kernels, sample_kernel, sampled_kernels,
+from hant.cost_models.learned.kernel_model import (
+    CALIBRATION_TERMS, KernelCostModel, KernelPredictor, select_terms, train_kernels,
 )
+from hant.cost_models.learned.kernels import (
+    KERNEL_FEATURES, KERNEL_TYPES, KernelNetwork, build_kernel, conv_runs_blocked, extract_kernels, isolation_nodes,
+    kernel_macs, kernel_network, kernel_rows, kernel_signature, kernels_and_facts, layout_reorders, profile_kernels,
+    sample_kernel, sampled_kernels,
+)
+from hant.cost_models.netspace import ShuffleUnit, SqueezeExcite
 from hant.cost_models.store import LatencyStore, RuntimeKey, Spread
 from hant.graphs.trace import propagate_shapes
 
@@ -63,12 +67,15 @@ def test_squeeze_excite_kernels_and_depthwise_features():
     assert mul.config["broadcast"]
 
 
-def test_shufflenet_shape_only_nodes_are_free_and_transposes_copy():
-    """x.size() and chunk tuples have no tensor_meta: free for kernels and for the GNN features (no crash)."""
+def test_shufflenet_shape_only_nodes_are_free_transposes_copy_and_chunks_split():
+    """x.size() has no tensor_meta: free for kernels and for the GNN features (no crash); a chunk into a
+    tuple is onnxruntime's Split, a copy of its input."""
     gm = _trace(shufflenet_v2_x0_5())
     kernels = extract_kernels(gm)
     assert sum(k.config["type"] == "copy" for k in kernels) == 16          # one channel shuffle per block
     assert sum(k.config["type"] == "cat" for k in kernels) == 16
+    splits = [k.config for k in kernels if k.config["type"] == "split"]
+    assert len(splits) == 13 and all(c["parts"] == 2 for c in splits)     # the 13 units that keep their width
     size_nodes = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "size"]
     assert size_nodes and not set(size_nodes) & {n for k in kernels for n in k.nodes}
     features = featurize(gm)
@@ -76,6 +83,82 @@ def test_shufflenet_shape_only_nodes_are_free_and_transposes_copy():
     for name in size_nodes:
         assert rows[name][FEATURE_NAMES.index("kind_shape")] == 1.0
         assert rows[name][FEATURE_NAMES.index("log_macs")] == rows[name][FEATURE_NAMES.index("log_bytes")] == 0
+
+
+# ------------------------------------------------------------------ layout (onnxruntime's NCHWc reorders)
+
+def _conv(cin, cout, groups=1):
+    return {"type": "conv", "cin": cin, "cout": cout, "h": 8, "w": 8, "k": 3, "s": 1, "groups": groups, "bn": True,
+            "act": "relu", "batch": 1, "ho": 8, "wo": 8}
+
+
+@pytest.mark.parametrize("cin, cout, groups, blocked, nodes", [
+    (3, 32, 1, True, 1),          # few input channels: read as NCHW, only the output is converted alone
+    (32, 24, 1, True, 2), (58, 58, 1, False, 0),                   # dense: input channels a multiple of 4
+    (72, 72, 72, True, 2), (58, 58, 58, False, 0),                 # depthwise: channels a multiple of 4
+    (64, 64, 4, True, 2), (64, 64, 8, False, 0), (96, 96, 4, False, 0),   # grouped: whole 16-channel blocks per group
+])
+def test_which_convolutions_run_blocked_and_what_they_run_only_alone(cin, cout, groups, blocked, nodes):
+    config = _conv(cin, cout, groups)
+    assert conv_runs_blocked(config) is blocked
+    count, elements = isolation_nodes(config)
+    assert count == nodes
+    assert elements == {0: 0, 1: cout * 64, 2: (cin + cout) * 64}[nodes]
+    # a HardSwish is fused in a network, but alone it runs as HardSigmoid and Mul over the output
+    assert isolation_nodes(dict(config, act="hardswish")) == (count + 2, elements + 2 * cout * 64)
+
+
+class _ShuffleBetweenConvs(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y.unflatten(1, (2, y.shape[1] // 2)).transpose(1, 2).flatten(1, 2)
+        return self.b(y)
+
+
+def _reorders(model, channels, side=8):
+    gm = hant.trace(model.eval(), torch.randn(1, channels, side, side))
+    kernels, facts = kernels_and_facts(gm)
+    return gm, layout_reorders(gm, kernels, facts)
+
+
+def test_a_channel_shuffle_between_blocked_convs_costs_a_reorder_each_way():
+    gm, reorders = _reorders(_ShuffleBetweenConvs(32), 32)
+    summary = sorted((r.tensor, r.to_blocked, r.elements) for r in reorders)
+    # the input is converted for conv a; a's output back for the transpose; the shuffled tensor for conv b
+    # (b's output is blocked and goes back to NCHW for the graph output)
+    assert [(t, e) for t, _, e in summary] == [("a", 2048), ("b", 2048), ("flatten", 2048), ("x", 2048)]
+    assert {t: blocked for t, blocked, _ in summary} == {"x": True, "a": False, "flatten": True, "b": False}
+    assert next(r for r in reorders if r.tensor == "a").at in {n.name for n in gm.graph.nodes}
+    # unaligned channels: onnxruntime runs both convolutions NCHW and converts nothing
+    assert _reorders(_ShuffleBetweenConvs(58), 58)[1] == []
+
+
+def test_squeeze_excite_multiply_leaves_the_blocked_layout():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.se, self.out = nn.Conv2d(32, 32, 1), SqueezeExcite(32, 16, "relu", "sigmoid"), nn.Conv2d(32, 32, 1)
+
+        def forward(self, x):
+            return self.out(self.se(self.conv(x)))
+
+    gm, reorders = _reorders(SE(), 32)
+    into_multiply = sorted(r.tensor for r in reorders if not r.to_blocked and r.at.startswith("mul"))
+    assert into_multiply == ["conv", "se_gate"]                      # both operands of the broadcast multiply
+    assert [r.tensor for r in reorders if r.to_blocked] == ["x", "mul"]   # the product goes back for `out`
+    network = kernel_network(gm)
+    assert len(network.reorders) == len(reorders) and network.configs[0]["type"] == "conv"
+
+
+def test_shuffle_units_of_the_network_space_split_and_reorder():
+    gm, reorders = _reorders(nn.Sequential(nn.Conv2d(32, 64, 1), ShuffleUnit(64, 64, 1, 3, "relu")), 32, 16)
+    types = [k.config["type"] for k in extract_kernels(gm)]
+    assert types.count("split") == 1 and types.count("cat") == 1 and types.count("copy") == 1
+    assert any(not r.to_blocked for r in reorders) and any(r.to_blocked for r in reorders)
 
 
 def test_untraced_graph_still_raises_in_featurize():
@@ -145,15 +228,57 @@ def test_kernel_mlp_learns_a_smooth_latency(predictor):
     assert np.corrcoef(np.log(predicted), np.log(truth))[0, 1] > 0.9
 
 
-def test_calibration_recovers_a_linear_network_law(predictor):
-    rng = random.Random(1)
-    networks = [[sample_kernel(rng) for _ in range(rng.randint(5, 40))] for _ in range(30)]
-    alone = [predictor.kernel_seconds(kernel_rows(n)) for n in networks]
-    whole = np.array([0.8 * s.sum() - 2e-6 * len(s) + 5e-5 for s in alone])
-    summary = predictor.calibrate(networks, whole)
-    assert predictor.calibration == pytest.approx((0.8, -2e-6, 5e-5), rel=1e-4, abs=1e-9)
-    assert summary["mape_pct_after"] < 1e-3
-    np.testing.assert_allclose(predictor.predict_configs(networks), whole, rtol=1e-6)
+def _networks_with_reorders(seed, n=40):
+    rng = random.Random(seed)
+    return [KernelNetwork(tuple(sample_kernel(rng) for _ in range(rng.randint(5, 40))),
+                          tuple((rng.random() < 0.5, rng.randint(100, 200_000)) for _ in range(rng.randint(0, 12))))
+            for _ in range(n)]
+
+
+LAW = {"kernel_sum": 0.9, "kernels": -2e-6, "constant": 5e-5, "layout_elements": 1e-9, "reorders": 1e-6,
+       "weight_elements": 1e-9}
+
+
+def test_calibration_recovers_a_network_law_with_layout_and_weight_terms(predictor):
+    networks = _networks_with_reorders(1)
+    design = predictor.design(networks)
+    whole = design @ np.array([LAW.get(t, 0.0) for t in CALIBRATION_TERMS])
+    terms = tuple(LAW)
+    summary = predictor.calibrate(networks, whole, terms)
+    assert summary["terms"] == list(terms) and summary["mape_pct_after"] < 1e-3
+    for term in CALIBRATION_TERMS:
+        assert predictor.calibration[term] == pytest.approx(LAW.get(term, 0.0), rel=1e-3, abs=1e-13)
+    np.testing.assert_allclose(predictor.predict_networks(networks), whole, rtol=1e-6)
+    # a bare kernel list is a network without reorders
+    bare = [list(networks[0].configs)]
+    assert predictor.predict_networks(bare)[0] == pytest.approx(
+        predictor.predict_networks([KernelNetwork(networks[0].configs, ())])[0], rel=1e-12)
+
+
+def test_term_selection_finds_the_terms_the_networks_follow(predictor):
+    networks = _networks_with_reorders(2, 60)
+    design = predictor.design(networks)
+    law = np.array([LAW.get(t, 0.0) for t in CALIBRATION_TERMS])
+    whole = design @ law * np.exp(np.random.default_rng(0).normal(0, 0.01, len(networks)))
+    best, scores = select_terms(design, whole)
+    assert set(best) == set(LAW) and scores[best] < 2.0
+    assert scores[("kernel_sum", "kernels", "constant")] > scores[best]
+
+
+def test_layout_calibration_round_trips_through_the_file_and_prices_rows(predictor, tmp_path):
+    networks = _networks_with_reorders(3)
+    predictor.calibrate(networks, predictor.design(networks) @ np.array([LAW.get(t, 0.0) for t in CALIBRATION_TERMS]),
+                        tuple(LAW))
+    path = tmp_path / "kernel.pt"
+    predictor.save(path)
+    loaded = KernelPredictor.from_state(torch.load(path, weights_only=True))
+    assert loaded.calibration == predictor.calibration
+    gm = hant.trace(_ShuffleBetweenConvs(32).eval(), torch.randn(1, 32, 8, 8))
+    report = get(f"learned:{path}").graph_cost(gm)
+    assert report.latency_s == pytest.approx(loaded.predict_graph(gm), rel=1e-9)
+    # rows carry the kernels and the four reorders; the constant is the rest
+    assert report.rows_latency_s + LAW["constant"] == pytest.approx(report.latency_s, rel=1e-9)
+    assert "4 layout reorders" in report.notes[0]
 
 
 def test_learned_kernel_file_round_trip_and_node_order(predictor, tmp_path):

@@ -91,7 +91,8 @@ def _broken(change):
     _broken(lambda s: s["stages"][0].update(act="gelu")),
     _broken(lambda s: s["stages"][0].pop("se")),
     _broken(lambda s: s["head"].update(classes=0)),
-    _broken(lambda s: s.update(resolution=32) or [st.update(stride=2) for st in s["stages"]]),
+    _broken(lambda s: s.update(resolution=8) or [st.update(stride=2) for st in s["stages"]]),
+    _broken(lambda s: s["stages"][0].update(block="shuffle", channels=58 + 1)),
 ])
 def test_bad_specs_raise_cost_model_error(spec):
     with pytest.raises(CostModelError, match="bad network spec"):
