@@ -57,7 +57,7 @@ from hant.passes.selection import max_gain_under_budget, min_importance_for_savi
 from hant.passes.surgery import prune_unused
 
 __all__ = ["MAX_PADDING_FRACTION", "Unit", "LinearizeReport", "LinearizeResult", "find_units", "linearise",
-           "fold_chains", "distortion", "linearize", "RemoveNonlinearity", "MODES"]
+           "prepare_for_tuning", "fold_chains", "distortion", "linearize", "RemoveNonlinearity", "MODES"]
 
 MODES = ("ilp", "greedy")
 
@@ -367,14 +367,23 @@ def _linearize_gm(gm: GraphModule, example: tuple, batches: list[tuple], *, budg
     if not removed:
         report.notes.append("nothing chosen: the module is the original graph, unchanged")
         return LinearizeResult(copy.deepcopy(gm), copy.deepcopy(gm), gm, report)
-    lin = final["linearised"]
-    plan = plan_chains(lin, cost, relocate=relocate_padding, max_padding_fraction=max_padding_fraction)
-    relocate(lin, plan)
-    # A merge across a residual block has no relocated unmerged form (the skip connection fixes the
-    # size of the tensor it adds to): merge it now, so that folding after fine-tuning stays exact.
-    merge(lin, ChainPlan([seg for seg in plan.segments if seg.elements]))
-    propagate_shapes(lin, example)
+    lin = prepare_for_tuning(final["linearised"], cost, example, relocate_padding=relocate_padding,
+                             max_padding_fraction=max_padding_fraction)
     return LinearizeResult(final["folded"], lin, gm, report)
+
+
+def prepare_for_tuning(linearised: GraphModule, cost: Any, example: tuple, *, relocate_padding: bool = True,
+                       max_padding_fraction: float | None = MAX_PADDING_FRACTION) -> GraphModule:
+    """``linearised`` (activations removed, see :func:`linearise`; changed in place and returned) made
+    ready to fine-tune before folding: padding relocated as :func:`fold_chains` will relocate it, and
+    the chains that span a residual block merged (they have no relocated unmerged form: the skip
+    connection fixes the size of the tensor it adds to). Fine-tune the result, then :func:`fold_chains`
+    it: the folding is exact, and the fine-tuning has already seen the relocation's border drift."""
+    plan = plan_chains(linearised, cost, relocate=relocate_padding, max_padding_fraction=max_padding_fraction)
+    relocate(linearised, plan)
+    merge(linearised, ChainPlan([seg for seg in plan.segments if seg.elements]))
+    propagate_shapes(linearised, example)
+    return linearised
 
 
 def _greedy(scorer: _Scorer, units: list[Unit], base: dict, budget, latency_target, progress) -> set[int]:

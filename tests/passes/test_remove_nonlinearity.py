@@ -11,7 +11,9 @@ from hant.errors import PassError
 from hant.graphs.ops import activation_of, conv_of, op_kind
 from hant.passes import PassContext
 from hant.passes.relocate_padding import RelocatePadding, merge, plan_chains, relocate
-from hant.passes.remove_nonlinearity import RemoveNonlinearity, find_units, fold_chains, linearise, linearize
+from hant.passes.remove_nonlinearity import (
+    RemoveNonlinearity, find_units, fold_chains, linearise, linearize, prepare_for_tuning,
+)
 
 from hant.tools.digits import DigitsMobileNetV2
 from helpers import randomize_bn
@@ -202,6 +204,25 @@ def test_student_before_finetuning_is_the_linearised_network():
     reference = _run(linearise(hant.trace(model, x), removed), x)
     assert torch.allclose(_run(result.module, x), reference, rtol=1e-9, atol=1e-12)
     assert torch.allclose(_run(result.linearised, x), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_a_network_prepared_for_tuning_folds_exactly_with_the_head():
+    """Every activation of the digits network removed (the head's too): the prepared network carries the
+    relocated padding already, so folding it after (here: without) fine-tuning is exact, down to one
+    Linear for the head, and it matches linearize's own prepared network for the same activations."""
+    model, x = _small()
+    model, x = model.double(), x.double()
+    gm = hant.trace(model, x)
+    every = [n.name for n in gm.graph.nodes if activation_of(n) is not None]
+    prepared = prepare_for_tuning(linearise(gm, every), OpCount(), (x,))
+    folded = fold_chains(prepared, OpCount(), check_inputs=(x,))
+    assert torch.allclose(_run(folded, x), _run(prepared, x), rtol=1e-9, atol=1e-12)
+    assert not any(activation_of(n) for n in folded.graph.nodes)
+    assert sum(op_kind(n) in ("conv", "linear") for n in folded.graph.nodes) < \
+        sum(op_kind(n) in ("conv", "linear") for n in prepared.graph.nodes)
+    result = linearize(model, x, [x], budget=1e9, cost=OpCount(), progress=False)   # a budget that removes all
+    assert sorted(result.removed) == sorted(every)
+    assert torch.allclose(_run(result.linearised, x), _run(prepared, x), rtol=1e-9, atol=1e-12)
 
 
 def test_the_registered_passes_run_under_a_context():
