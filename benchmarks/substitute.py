@@ -106,13 +106,16 @@ def _row(label: str, s, teacher_s: float, teacher_acc: float) -> str:
             f"{sum(c != 'teacher' for c in s.choice.values())}/{len(s.choice)} |")
 
 
-def _finetune_dir(run_dir: str, choice: dict[str, str], args) -> str:
-    """The checkpoint folder of one student's fine-tuning, named by its settings and its choice per site.
+def _finetune_dir(run_dir: str, choice: dict[str, str], student, args) -> str:
+    """The checkpoint folder of one student's fine-tuning, named by its settings, its choice per site and
+    its deployed graph's parameter names and shapes.
 
-    A rerun with other settings, or other site prices (hence other students), never meets
-    a checkpoint of a different student; a rerun of the same resumes it.
+    A rerun with other settings, other site prices (hence other students) or other exact passes
+    (hence another deployed graph) never meets a checkpoint of a different student; a rerun of
+    the same resumes it.
     """
-    digest = hashlib.sha256(repr(sorted(choice.items())).encode()).hexdigest()[:12]
+    layout = sorted((name, tuple(t.shape)) for name, t in student.state_dict().items())
+    digest = hashlib.sha256(repr((sorted(choice.items()), layout)).encode()).hexdigest()[:12]
     return os.path.join(run_dir, "finetune", f"e{args.finetune_epochs}_lr{args.finetune_lr:g}_a{args.alpha:g}_{digest}")
 
 
@@ -152,7 +155,7 @@ def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
                     ft_loader, _ = digits.loaders(64, shift=args.shift)
                     finetune(student, teacher, ft_loader, epochs=args.finetune_epochs, lr=args.finetune_lr,
                              alpha=args.alpha, progress=False,
-                             checkpoint_dir=_finetune_dir(run_dir, solution.choice, args))
+                             checkpoint_dir=_finetune_dir(run_dir, solution.choice, student, args))
                 students[key] = (student, before, evaluate(student), f"s{len(students)}")
             student, before, after, label = students[key]
             solution.accuracy_before_finetune, solution.accuracy = before, after

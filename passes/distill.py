@@ -67,6 +67,11 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)   # atomic: a kill never leaves a half-written checkpoint
 
 
+def _layout(state: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer names with their shapes: what a checkpoint must share with the student."""
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
 def finetune(student: nn.Module, teacher: nn.Module, loader: Iterable, *, epochs: int = 1, lr: float = 1e-3,
              temperature: float = 4.0, alpha: float = 0.9, weight_decay: float = 0.0,
              checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, max_steps: int | None = None,
@@ -80,8 +85,8 @@ def finetune(student: nn.Module, teacher: nn.Module, loader: Iterable, *, epochs
 
     With ``checkpoint_dir``, a checkpoint is written after every epoch; with ``resume`` (the
     default) a matching checkpoint there is loaded first and training continues after its
-    epoch. A checkpoint written with other settings raises :class:`InputError` instead of
-    being mixed in.
+    epoch. A checkpoint written with other settings, or for a network with other parameter
+    names or shapes, raises :class:`InputError` instead of being mixed in.
     """
     if epochs < 1:
         raise InputError(f"epochs must be >= 1, got {epochs}")
@@ -109,6 +114,10 @@ def finetune(student: nn.Module, teacher: nn.Module, loader: Iterable, *, epochs
             if state["settings"] != settings:
                 raise InputError(
                     f"{path} holds a fine-tuning run with other settings ({json.dumps(state['settings'])}); "
+                    "use another checkpoint_dir or resume=False to start over")
+            if _layout(state["model"]) != _layout(student.state_dict()):
+                raise InputError(
+                    f"{path} holds a fine-tuning run of a different network (other parameter names or shapes); "
                     "use another checkpoint_dir or resume=False to start over")
             student.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

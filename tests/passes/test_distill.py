@@ -105,6 +105,16 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
                  checkpoint_dir=tmp_path)
 
 
+def test_checkpoint_of_another_network_is_refused(tmp_path):
+    teacher, student = _models()
+    finetune(copy.deepcopy(student), teacher, _loader(), epochs=1, lr=1e-2, progress=False, checkpoint_dir=tmp_path)
+    other = copy.deepcopy(student)
+    first = next(name for name, _ in other.named_children())
+    other.add_module(f"{first}_renamed", other._modules.pop(first))
+    with pytest.raises(InputError, match="different network"):
+        finetune(other, teacher, _loader(), epochs=1, lr=1e-2, progress=False, checkpoint_dir=tmp_path)
+
+
 def test_hard_labels_are_required_when_alpha_below_one():
     teacher, student = _models()
     x_only = DataLoader(torch.randn(8, 1, 6, 6), batch_size=4)
