@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 
 import torch
@@ -30,7 +29,7 @@ from hant.passes import PassManager
 from hant.passes.remove_nonlinearity import fold_chains, linearise, prepare_for_tuning
 from hant.tools import digits
 
-from common import environment_line, interleaved_rounds, ort_session
+from common import environment_line, interleaved_medians, ort_session
 
 ILP_073 = ("features_0_2", "features_1_conv_2", "features_2_conv_2", "features_2_conv_5", "features_3_conv_2",
            "features_3_conv_5", "features_4_conv_2", "features_4_conv_5", "features_5_conv_2", "features_5_conv_5",
@@ -98,10 +97,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {name: ort_session(module, example, 1, tmp, f"v{i}") for i, (name, (module, _)) in
                     enumerate(variants.items())}
-        wall = interleaved_rounds(sessions, args.rounds, 20, args.calls)["wall"]
-    base = statistics.median(wall["teacher"])
-    rows = [[name, f"{100 * acc:.1f}", f"{100 * (acc - acc_teacher):+.1f}", f"{statistics.median(wall[name]) * 1e6:.0f}",
-             f"{base / statistics.median(wall[name]):.2f}"] for name, (_, acc) in variants.items()]
+        seconds = interleaved_medians(sessions, args.rounds, 20, args.calls)
+    rows = [[name, f"{100 * acc:.1f}", f"{100 * (acc - acc_teacher):+.1f}", f"{seconds[name] * 1e6:.0f}",
+             f"{seconds['teacher'] / seconds[name]:.2f}"] for name, (_, acc) in variants.items()]
     table = tabulate(rows, headers=["student", "test accuracy %", "vs teacher (points)", "onnxruntime median us",
                                     "speedup"], tablefmt="github")
     text = (f"# Nonlinearity removal with the classifier head folded\n\n{environment_line(1, 1)}; {args.rounds} "

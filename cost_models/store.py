@@ -167,6 +167,8 @@ CREATE INDEX IF NOT EXISTS graph_timings_key ON graph_timings (graph_key, runtim
 _INHERITED: list[sqlite3.Connection] = []
 
 _KEY_COLUMNS = ("runtime", "runtime_version", "threads", "device")
+# one graph at one runtime key: the parameters are (graph_key, *_key_values(key))
+_GRAPH_AT_KEY = " AND ".join(f"{column} = ?" for column in ("graph_key", *_KEY_COLUMNS))
 
 
 def _key_values(key: RuntimeKey) -> tuple:
@@ -301,8 +303,7 @@ class LatencyStore:
         where = (graph_key, *_key_values(key))
         conn = self._connection()
         with _immediate(conn):
-            conn.execute("DELETE FROM graph_timings WHERE graph_key = ? AND runtime = ? AND runtime_version = ? "
-                         "AND threads = ? AND device = ?", where)
+            conn.execute(f"DELETE FROM graph_timings WHERE {_GRAPH_AT_KEY}", where)
             conn.execute("INSERT OR REPLACE INTO graphs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                          (*where, float(latency_s), *_spread_values(spread), time.time()))
 
@@ -315,8 +316,7 @@ class LatencyStore:
         with _immediate(conn):
             timings = self._graph_timings(conn, where)
             if not timings:
-                old = conn.execute("SELECT * FROM graphs WHERE graph_key = ? AND runtime = ? AND "
-                                   "runtime_version = ? AND threads = ? AND device = ?", where).fetchone()
+                old = conn.execute(f"SELECT * FROM graphs WHERE {_GRAPH_AT_KEY}", where).fetchone()
                 timings = [(old["latency_s"], _spread(old))] if old is not None else []
                 if old is not None:
                     conn.execute("INSERT INTO graph_timings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -332,8 +332,7 @@ class LatencyStore:
 
     @staticmethod
     def _graph_timings(conn: sqlite3.Connection, where: tuple) -> list[tuple[float, Spread]]:
-        rows = conn.execute("SELECT * FROM graph_timings WHERE graph_key = ? AND runtime = ? AND runtime_version = ? "
-                            "AND threads = ? AND device = ? ORDER BY created", where).fetchall()
+        rows = conn.execute(f"SELECT * FROM graph_timings WHERE {_GRAPH_AT_KEY} ORDER BY created", where).fetchall()
         return [(r["latency_s"], _spread(r)) for r in rows]
 
     def get_graph(self, graph_key: str, key: RuntimeKey) -> GraphRecord | None:

@@ -51,9 +51,10 @@ from hant.graphs.ops import (
 )
 
 __all__ = ["KERNEL_TYPES", "KERNEL_ACTIVATIONS", "KERNEL_FEATURES", "KERNEL_TIMING", "Kernel", "extract_kernels",
-           "kernels_and_facts", "kernel_extras", "Reorder", "layout_reorders", "conv_runs_blocked", "isolation_nodes", "NCHWC_BLOCK",
-           "KernelNetwork", "kernel_network", "kernel_row", "kernel_rows", "node_facts", "sample_kernel", "sampled_kernels",
-           "build_kernel", "kernel_signature", "kernel_macs", "kernel_bytes", "profile_kernels"]
+           "kernels_and_facts", "kernel_extras", "Reorder", "layout_reorders", "conv_runs_blocked",
+           "isolation_nodes", "NCHWC_BLOCK", "KernelNetwork", "kernel_network", "kernel_row", "kernel_rows",
+           "node_facts", "sample_kernel", "sampled_kernels", "build_kernel", "kernel_signature", "kernel_macs",
+           "kernel_bytes", "profile_kernels"]
 
 KERNEL_TYPES = ("conv", "linear", "pool_max", "pool_avg", "pool_global", "add", "mul", "act", "bn", "cat", "copy",
                 "split")
@@ -314,6 +315,12 @@ def conv_runs_blocked(config: dict, block: int = NCHWC_BLOCK) -> bool:
     return (cin // groups) % block == 0 and (cout // groups) % block == 0
 
 
+def _reads_nchw(config: dict) -> bool:
+    """A blocked dense convolution with fewer than :data:`NCHWC_BLOCK` input channels reads its input
+    in NCHW (only its output is blocked)."""
+    return config["groups"] == 1 and config["cin"] < NCHWC_BLOCK
+
+
 def _pool_blocked(channels: int, block: int = NCHWC_BLOCK) -> bool:
     return channels % block == 0
 
@@ -334,7 +341,7 @@ def isolation_nodes(config: dict) -> tuple[int, int]:
     if t == "conv":
         in_b, out_b, _ = kernel_bytes(config)
         if conv_runs_blocked(config):
-            reads_nchw = config["groups"] == 1 and config["cin"] < NCHWC_BLOCK
+            reads_nchw = _reads_nchw(config)
             count, elements = (1, out_b) if reads_nchw else (2, in_b + out_b)
         if config["act"] == "hardswish":
             count, elements = count + 2, elements + 2 * out_b
@@ -416,7 +423,7 @@ def layout_reorders(gm: GraphModule, kernels: list[Kernel], facts: dict[Node, tu
         config = own[0].config
         t = config["type"]
         if t == "conv" and conv_runs_blocked(config):
-            reads_nchw = config["groups"] == 1 and config["cin"] < NCHWC_BLOCK
+            reads_nchw = _reads_nchw(config)
             for a in inputs:
                 if blocked[a] == reads_nchw:
                     convert(a, not reads_nchw, node)
