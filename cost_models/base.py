@@ -8,6 +8,8 @@ argument (``"flops"``, ``"roofline:cpu"``, ``"measured:cpu-onnxruntime"``, ``"le
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
@@ -17,7 +19,7 @@ from hant.errors import CostModelError
 from hant.graphs.ops import graph_unchanged, module_of, op_kind, output_shape
 
 __all__ = ["Cost", "CostRow", "CostReport", "CostModel", "NodeSumCostModel", "GraphPricedModel", "target_name",
-           "register", "get", "available", "COMPUTE_SKIP_KINDS"]
+           "register", "get", "available", "COMPUTE_SKIP_KINDS", "collector_paused"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,26 @@ class CostModel(Protocol):
     def node_cost(self, node: Node) -> Cost: ...
 
     def graph_cost(self, gm: GraphModule) -> CostReport: ...
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Pause Python's cyclic garbage collector for a short walk that allocates many small objects.
+
+    Pricing a graph for the first time builds tens of thousands of short-lived, acyclic objects
+    (views, tuples, report rows) that reference counting frees. Each batch of allocations would
+    otherwise trigger a collector pass, and the oldest-generation passes walk every live object
+    of the process (a network's modules and tensors, its graphs): on a 1,000-node graph that
+    was a third of the call. The collector is restored afterwards; what stays alive is
+    collected by its next pass as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # Nodes that are bookkeeping, not work: they get no row in a report.

@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import operator
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
+from torch._jit_internal import boolean_dispatched
 from torch.fx.operator_schemas import normalize_function
 
 __all__ = [
@@ -108,8 +111,35 @@ def _tuple(value: Any, n: int) -> tuple:
     return (value,) * n
 
 
+_BINDABLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+@functools.lru_cache(maxsize=1024)
+def _python_signature(function: types.FunctionType) -> inspect.Signature | None:
+    """The signature of a plain Python function when all its parameters can be named, else None
+    (what ``normalize_function`` reads for such a function, computed once per function)."""
+    signature = inspect.signature(inspect.unwrap(function))
+    return signature if all(p.kind in _BINDABLE for p in signature.parameters.values()) else None
+
+
 def _normalized(node: Node) -> dict[str, Any] | None:
-    """Arguments of a ``call_function`` node as keyword arguments of its signature."""
+    """Arguments of a ``call_function`` node as keyword arguments of its signature (defaults filled in).
+
+    Plain Python functions (torchvision's ``stochastic_depth``, most of ``torch.nn.functional``)
+    bind against their signature, cached per function; torch operators and builtins go through
+    ``torch.fx``'s ``normalize_function``, which reads their schemas.
+    """
+    target = node.target
+    if isinstance(target, types.FunctionType) and target not in boolean_dispatched:
+        signature = _python_signature(target)
+        if signature is None:
+            return None
+        try:
+            bound = signature.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return dict(bound.arguments)
     try:
         pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
     except Exception:  # overloaded builtins (torch.conv2d: int or str padding) need argument types
@@ -991,6 +1021,7 @@ def op_kind(node: Node) -> str:
 # ---------------------------------------------------------------- memo for read-only walks
 
 _MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hant_ops_memo", default=None)
+_UNSEEN = object()
 
 
 @contextlib.contextmanager
@@ -1019,10 +1050,12 @@ def _memoized(view: Callable[[Any], Any]) -> Callable[[Any], Any]:
         memo = _MEMO.get()
         if memo is None or not isinstance(node, Node):
             return view(node)
-        key = (view, node)
-        if key in memo:
-            return memo[key]
-        value = memo[key] = view(node)
+        answers = memo.get(view)
+        if answers is None:
+            answers = memo[view] = {}
+        value = answers.get(node, _UNSEEN)
+        if value is _UNSEEN:
+            value = answers[node] = view(node)
         return value
     return remembered
 

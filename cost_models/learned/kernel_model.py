@@ -45,9 +45,9 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel
+from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel, collector_paused
 from hant.cost_models.learned.kernels import (
-    KERNEL_FEATURES, KernelNetwork, kernel_bytes, kernel_extras, kernel_macs, kernel_network, kernel_rows,
+    KERNEL_FEATURES, KernelNetwork, kernel_extras, kernel_network, kernel_rows, kernel_work,
     kernels_and_facts, layout_reorders,
 )
 from hant.errors import CostModelError
@@ -348,6 +348,10 @@ class KernelCostModel(GraphPricedModel):
     def graph_cost(self, gm: GraphModule) -> CostReport:
         """One pass over the graph: kernels and the reorders between them, one MLP call; each kernel's
         calibrated latency on its first node, each reorder's on the node that needs it."""
+        with collector_paused():
+            return self._graph_cost(gm)
+
+    def _graph_cost(self, gm: GraphModule) -> CostReport:
         with graph_unchanged():   # a read-only walk: each node is classified once
             kernels, facts = kernels_and_facts(gm)
             reorders = layout_reorders(gm, kernels, facts)
@@ -370,8 +374,8 @@ class KernelCostModel(GraphPricedModel):
                 cost = Cost(extra) if extra else empty
             else:
                 kernel, latency = hit
-                in_b, out_b, w_b = kernel_bytes(kernel.config)
-                cost = Cost(float(latency) + extra, kernel_macs(kernel.config), 4 * (in_b + w_b), 4 * out_b, w_b)
+                macs, in_b, out_b, w_b = kernel_work(kernel.config)
+                cost = Cost(float(latency) + extra, macs, 4 * (in_b + w_b), 4 * out_b, w_b)
             _, kind, target = facts[node]
             shape = getattr(node.meta.get("tensor_meta"), "shape", None)
             rows.append(CostRow(node.name, kind, target, (), tuple(shape) if shape is not None else None, cost))

@@ -46,7 +46,7 @@ from torch.fx import GraphModule, Node
 
 from hant.errors import CostModelError
 from hant.graphs.ops import (
-    activation_of, add_of, batchnorm_of, conv_of, linear_of, mul_of, op_kind, output_shape, pool_of,
+    activation_of, add_of, batchnorm_of, conv_of, linear_of, module_of, mul_of, op_kind, output_shape, pool_of,
     tensor_meta,
 )
 
@@ -117,6 +117,18 @@ def _describe(node: Node, kind: str) -> tuple:
     if meta is None or shape is None:
         return _FREE                        # sizes, guards: nothing is computed
     out = tuple(int(s) for s in shape)
+    module = module_of(node)
+    module_type = type(module)
+    # The two commonest nodes, read straight off their modules (their op views carry weights and
+    # buffers that grouping does not need, and a network's first pricing builds every view).
+    if module_type is nn.Conv2d:
+        in_shape = output_shape(node.args[0])
+        if in_shape is not None and len(out) == 4:
+            k = int(round(math.sqrt(math.prod(module.kernel_size))))
+            return ("conv", node.args[0], (module.in_channels, module.out_channels,
+                                           tuple(int(s) for s in in_shape), out, k, max(module.stride), module.groups))
+    if module_type is nn.BatchNorm2d:
+        return ("bn", node.args[0], (out,))
     if kind == "conv":
         v = conv_of(node)
         in_shape = output_shape(v.input)
@@ -551,18 +563,27 @@ def kernel_row(config: dict) -> np.ndarray:
     return row
 
 
-_ROW_CACHE: dict[int, tuple[dict, np.ndarray, tuple[float, float, float]]] = {}
+_ROW_CACHE: dict[int, tuple] = {}
 
 
-def _cached(config: dict) -> tuple[dict, np.ndarray, tuple[float, float, float]]:
+def _cached(config: dict) -> tuple[dict, np.ndarray, tuple[float, float, float], tuple[int, int, int, int]]:
+    """(config, :func:`kernel_row`, :func:`kernel_extras` row, :func:`kernel_work`) of one configuration
+    object, computed once per object (equal kernels share one, see :func:`extract_kernels`)."""
     hit = _ROW_CACHE.get(id(config))
     if hit is None or hit[0] is not config:
         if len(_ROW_CACHE) > 200_000:
             _ROW_CACHE.clear()
         count, elements = isolation_nodes(config)
-        hit = _ROW_CACHE[id(config)] = (config, kernel_row(config),
-                                        (float(count), float(elements), float(kernel_bytes(config)[2])))
+        in_b, out_b, w_b = kernel_bytes(config)
+        hit = _ROW_CACHE[id(config)] = (config, kernel_row(config), (float(count), float(elements), float(w_b)),
+                                        (kernel_macs(config), in_b, out_b, w_b))
     return hit
+
+
+def kernel_work(config: dict) -> tuple[int, int, int, int]:
+    """(:func:`kernel_macs`, and the input, output and weight elements of :func:`kernel_bytes`) of a
+    kernel, cached with its feature row."""
+    return _cached(config)[3]
 
 
 def kernel_rows(configs: Iterable[dict]) -> np.ndarray:

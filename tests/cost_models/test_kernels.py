@@ -175,6 +175,28 @@ def test_cached_node_facts_follow_new_shapes():
     assert (first["h"], again["h"]) == (64, 96) and again["ho"] == 48
 
 
+@pytest.mark.parametrize("model", [resnet18, mobilenet_v3_small])
+def test_conv_and_batchnorm_modules_read_directly_agree_with_their_views(model):
+    """Kernel grouping reads Conv2d and BatchNorm2d modules directly; the op views must say the same."""
+    from hant.cost_models.learned.kernels import node_facts
+    from hant.graphs.ops import batchnorm_of, conv_of, output_shape
+
+    gm = _trace(model(), 64)
+    checked = 0
+    for node in gm.graph.nodes:
+        (role, main, data), _, _ = node_facts(node)
+        if (conv := conv_of(node)) is not None:
+            k = round(float(np.sqrt(np.prod(conv.kernel_size))))
+            assert (role, main) == ("conv", conv.input)
+            assert data == (conv.in_channels, conv.out_channels, tuple(output_shape(conv.input)),
+                            tuple(output_shape(node)), k, max(conv.stride), conv.groups)
+            checked += 1
+        elif (norm := batchnorm_of(node)) is not None:
+            assert (role, main, data) == ("bn", norm.input, (tuple(output_shape(node)),))
+            checked += 1
+    assert checked > 20
+
+
 # ------------------------------------------------------------------ kernels alone
 
 @pytest.mark.parametrize("seed", range(40))

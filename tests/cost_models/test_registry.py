@@ -123,3 +123,21 @@ def test_model_objects_pass_through():
 def test_objects_without_the_protocol_are_refused(not_a_model):
     with pytest.raises(CostModelError, match="node_cost/graph_cost"):
         get(not_a_model)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_paused_restores_the_collector_even_on_error(enabled):
+    import gc
+
+    from hant.cost_models.base import collector_paused
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError):
+            with collector_paused():
+                assert not gc.isenabled()
+                raise RuntimeError("inside")
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()

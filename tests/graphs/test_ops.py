@@ -274,3 +274,40 @@ def test_op_kind_by_module_type_agrees_with_the_views(name):
             checked += node.op == "call_module"
     assert checked > 10
 
+
+
+def _stochastic_depth():
+    from torchvision.ops import stochastic_depth
+
+    return stochastic_depth
+
+
+@pytest.mark.parametrize("function, args, kwargs", [
+    (F.dropout, (0.2,), {"training": False}),
+    (F.dropout, (), {}),
+    (_stochastic_depth(), (0.1, "row", False), {}),
+    (_stochastic_depth(), (), {"p": 0.0, "mode": "batch", "training": True}),
+    (F.interpolate, (), {"scale_factor": 2.0, "mode": "nearest"}),
+    (F.max_pool2d, (3, 2), {}),            # boolean-dispatched: goes through torch.fx's normalisation
+    (F.softmax, (), {"dim": 1}),
+])
+def test_normalized_arguments_match_torch_fx(function, args, kwargs):
+    """Plain Python functions bind against their (cached) signature; the keyword arguments, defaults
+    filled in, are exactly those of ``torch.fx``'s ``normalize_function``."""
+    from torch.fx.operator_schemas import normalize_function
+
+    from hant.graphs.ops import _normalized
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(function, (x, *args), kwargs)
+    pair = normalize_function(function, (x, *args), kwargs, normalize_to_only_use_kwargs=True)
+    assert _normalized(node) == (dict(pair.kwargs) if pair is not None else None)
+
+
+def test_normalized_arguments_that_do_not_bind_give_none():
+    from hant.graphs.ops import _normalized
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    assert _normalized(graph.call_function(F.dropout, (x,), {"no_such_argument": 1})) is None

@@ -1,0 +1,114 @@
+"""How long one ``graph_cost`` takes on a ~1,000-node graph (issue target: <= 20 ms), per cost model.
+
+Writes ``benchmarks/results/graph_cost_speed.md``. For each graph (torchvision
+efficientnet_b7, 866 nodes, and efficientnet_v2_l, 1,094 nodes; batch 1, 224x224) and each
+cost model, in interleaved rounds (model A, B, C, A, B, C, ...):
+
+* first call: ``graph_cost`` on a fresh deep copy of the traced graph (new Node objects, so
+  no per-node cache has seen them; the code paths are warm), as a user pricing a network
+  once would see it;
+* repeated: ``graph_cost`` on the same graph again (what ranking passes do).
+
+Both are reported as medians and minima of the rounds, wall clock and this thread's CPU
+time (on a shared machine the wall clock includes waiting for a core).
+
+The kernel predictor is ``--predictor PATH`` (a ``hant fit --model kernel`` file); without
+one, a predictor of the same architecture is fitted to synthetic kernel latencies: how
+fast it prices does not depend on its weights, only on the graph walk and one MLP call.
+
+    python benchmarks/graph_cost_speed.py
+    python benchmarks/graph_cost_speed.py --predictor runs/cost_models/kernel.pt --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+import hant
+from hant.cost_models import get
+from hant.cost_models.learned.kernel_model import KernelCostModel, train_kernels
+from hant.cost_models.learned.kernels import kernel_macs, sampled_kernels
+
+GRAPHS = ("efficientnet_b7", "efficientnet_v2_l")
+
+
+def kernel_model(path: str | None) -> tuple[object, str]:
+    """The kernel predictor to time, and how it was obtained."""
+    if path:
+        return get(f"learned:{path}"), path
+    configs = sampled_kernels(400, seed=0)
+    latency = np.array([3e-6 + kernel_macs(c) / 2e10 for c in configs])
+    return KernelCostModel(train_kernels(configs, latency)), "fitted to synthetic latencies (same architecture)"
+
+
+def time_call(fn) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one call."""
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    fn()
+    return (time.perf_counter() - start) * 1e3, (time.thread_time() - start_cpu) * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predictor", default=None, help="a kernel predictor file (default: see above)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "graph_cost_speed.md"))
+    args = parser.parse_args(argv)
+    import torchvision
+
+    kernel, origin = kernel_model(args.predictor)
+    models = {"learned kernel": kernel, "roofline:cpu": get("roofline:cpu"), "flops": get("flops")}
+    rows = []
+    load_before = os.getloadavg()[0]
+    for name in GRAPHS:
+        torch.manual_seed(0)
+        base = hant.trace(torchvision.models.get_model(name, weights=None).eval(), torch.randn(1, 3, 224, 224))
+        copies = [copy.deepcopy(base) for _ in range(args.rounds)]
+        for model in models.values():          # warm the code paths (and the repeated graph's caches)
+            model.graph_cost(base)
+        first = {label: [] for label in models}
+        repeated = {label: [] for label in models}
+        for fresh in copies:
+            for label, model in models.items():
+                first[label].append(time_call(lambda: model.graph_cost(fresh)))
+                repeated[label].append(time_call(lambda: model.graph_cost(base)))
+        for label in models:
+            f_wall, f_cpu = zip(*first[label])
+            r_wall, r_cpu = zip(*repeated[label])
+            rows.append([name, len(base.graph.nodes), label,
+                         f"{statistics.median(f_cpu):.1f} / {min(f_cpu):.1f}",
+                         f"{statistics.median(f_wall):.1f}",
+                         f"{statistics.median(r_cpu):.1f} / {min(r_cpu):.1f}",
+                         f"{statistics.median(r_wall):.1f}"])
+        del copies
+    headers = ["graph", "nodes", "model", "first call CPU ms (median / min)", "first call wall ms (median)",
+               "repeated CPU ms (median / min)", "repeated wall ms (median)"]
+    table = tabulate(rows, headers, tablefmt="github")
+    text = "\n".join([
+        "# graph_cost speed on ~1,000-node graphs", "",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} logical CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores, shared).", "",
+        f"{args.rounds} interleaved rounds per graph; each round prices a fresh deep copy (first call) and the "
+        f"same graph again (repeated) with every model. Kernel predictor: {origin}.", "",
+        table, ""])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        handle.write(text)
+    print(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
