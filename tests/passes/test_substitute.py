@@ -221,6 +221,41 @@ def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tm
     assert result.solve(1.0).choice == {s.name: "teacher" for s in result.sites}
 
 
+class _Superlinear(_MacsAsLatency):
+    """MACs plus a cost that grows faster than the node count: a student priced whole costs more
+    than the rest of the teacher plus its sites, as on a runtime whose per-node work grows with
+    the graph."""
+    name = "superlinear_test"
+
+    def graph_cost(self, gm):
+        report = self.flops.graph_cost(gm)
+        return report.with_total_latency(float(report.total.macs) + 2000.0 * len(report.rows) ** 1.5)
+
+
+hant.cost_models.register("superlinear_test", lambda arg: _Superlinear())
+
+
+def test_checked_choice_meets_the_budget_when_site_prices_do_not_add_up(tmp_path):
+    result = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost="superlinear_test",
+                        candidates=["identity", "conv", "dws", "svd"], run_dir=tmp_path, steps=2, show_progress=False)
+    repaired = 0
+    for budget in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        limit = budget * result.teacher_latency_s
+        plain, checked = result.solve(budget, check=False), result.solve(budget)
+        assert plain.predicted_latency_s == plain.sites_latency_s <= limit * (1 + 1e-9)
+        # the prediction is the cost model's price of the very student that for_budget builds
+        assert checked.within_budget and checked.predicted_latency_s <= limit * (1 + 1e-9)
+        assert checked.predicted_latency_s == pytest.approx(
+            _Superlinear().graph_cost(result.for_budget(budget)).latency_s, rel=1e-9)
+        if result.whole_price(plain.choice) <= limit:
+            assert checked.total_score <= plain.total_score    # never worse than the program alone when it holds
+        else:
+            repaired += 1
+            assert checked.rounds > 1 and checked.total_score >= plain.total_score
+    assert repaired, "the additive program never missed the budget here: the check was not exercised"
+    assert "sum of sites ms" in result.pareto_table()
+
+
 def test_budget_one_keeps_the_teacher(tiny_result):
     solution = next(s for s in tiny_result.solutions if s.budget == 1.0)
     assert set(solution.choice.values()) == {TEACHER}
