@@ -990,6 +990,10 @@ def op_kind(node: Node) -> str:
     known = _MODULE_KINDS.get(type(m)) if m is not None else None
     if known is not None:
         return known
+    if node.op == "call_function":
+        known = _function_kind(node)
+        if known is not None:
+            return known
     for kind, view in (("conv", conv_of), ("linear", linear_of), ("batchnorm", batchnorm_of),
                        ("layernorm", layernorm_of), ("activation", activation_of), ("add", add_of),
                        ("mul", mul_of), ("pool", pool_of), ("matmul", matmul_of), ("attention", attention_of)):
@@ -1076,3 +1080,27 @@ is_shape_op = _memoized(is_shape_op)
 reshape_of = _memoized(reshape_of)
 op_kind = _memoized(op_kind)
 module_of = _memoized(module_of)
+
+# Function targets that exactly one view of op_kind's chain accepts (see _function_kind).
+_SOLE_VIEW: dict[Any, tuple[str, Callable[[Node], Any]]] = {
+    **{t: ("conv", conv_of) for t in _CONV_FUNCTIONS}, **{t: ("activation", activation_of) for t in _ACT_FUNCTIONS},
+    **{t: ("add", add_of) for t in _ADD_FUNCTIONS}, **{t: ("mul", mul_of) for t in _MUL_FUNCTIONS},
+    **{t: ("pool", pool_of) for t in _POOL_FUNCTIONS},
+}
+_IDENTITY_FUNCTIONS = _DROPOUT_FUNCTIONS | _ALIAS_FUNCTIONS
+
+
+def _function_kind(node: Node) -> str | None:
+    """op_kind's shortcut for a ``call_function`` node, or None to run its whole chain of views.
+
+    A target that only one view of the chain accepts asks that view alone; dropout, copies and
+    stochastic depth, which no view accepts, ask :func:`is_identity_like` alone. A no goes back to
+    the whole chain, so the kind is always the chain's (a network's first pricing asks about every
+    node, and most of a chain's views are noes)."""
+    sole = _SOLE_VIEW.get(node.target)
+    if sole is not None and sole[1](node) is not None:
+        return sole[0]
+    if (node.target in _IDENTITY_FUNCTIONS or getattr(node.target, "__name__", "") == "stochastic_depth") \
+            and is_identity_like(node):
+        return "identity"
+    return None

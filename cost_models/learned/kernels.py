@@ -37,7 +37,7 @@ import math
 import random
 import weakref
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -80,15 +80,20 @@ def _act_name(kind: str) -> str:
     return kind if kind in KERNEL_ACTIVATIONS else "other"
 
 
-def _stamp(node: Node) -> tuple:
-    """What a node's cached facts depend on: the call (target and arguments) and the shapes it sees.
+def _unchanged(stamp: tuple, node: Node, meta) -> bool:
+    """Whether ``node`` is still what ``stamp`` (from :func:`_stamp_of`) saw: the same target, the same
+    argument tuples and the same shape metadata, compared by identity.
 
-    A module swapped in place under the same name with the same shapes is not noticed; hant's
-    passes name the modules they build anew."""
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    inputs = tuple(getattr(a.meta.get("tensor_meta"), "shape", None) for a in node.all_input_nodes)
-    return (node.target, node.args, tuple(node.kwargs.items()) if node.kwargs else (), shape, inputs)
+    torch.fx replaces a node's argument tuples whenever they change (``node.args = ...``,
+    ``replace_input_with``, ``replace_all_uses_with``) and shape propagation replaces every node's
+    ``tensor_meta``, so identity is enough and costs no walk over the arguments. A module swapped
+    in place under the same name with the same shapes is not noticed; hant's passes name the
+    modules they build anew."""
+    return stamp[0] is node.target and stamp[1] is node.args and stamp[2] is node.kwargs and stamp[3] is meta
+
+
+def _stamp_of(node: Node, meta) -> tuple:
+    return (node.target, node.args, node.kwargs, meta)
 
 
 def _contiguous(meta) -> bool:
@@ -117,18 +122,6 @@ def _describe(node: Node, kind: str) -> tuple:
     if meta is None or shape is None:
         return _FREE                        # sizes, guards: nothing is computed
     out = tuple(int(s) for s in shape)
-    module = module_of(node)
-    module_type = type(module)
-    # The two commonest nodes, read straight off their modules (their op views carry weights and
-    # buffers that grouping does not need, and a network's first pricing builds every view).
-    if module_type is nn.Conv2d:
-        in_shape = output_shape(node.args[0])
-        if in_shape is not None and len(out) == 4:
-            k = int(round(math.sqrt(math.prod(module.kernel_size))))
-            return ("conv", node.args[0], (module.in_channels, module.out_channels,
-                                           tuple(int(s) for s in in_shape), out, k, max(module.stride), module.groups))
-    if module_type is nn.BatchNorm2d:
-        return ("bn", node.args[0], (out,))
     if kind == "conv":
         v = conv_of(node)
         in_shape = output_shape(v.input)
@@ -182,21 +175,71 @@ def _describe(node: Node, kind: str) -> tuple:
 
 def node_facts(node: Node) -> tuple[tuple, str, str]:
     """(:func:`_describe` of the node, its ``op_kind``, its readable target), cached on the node until
-    its target, arguments or the shapes it sees change (see :func:`_stamp`)."""
-    stamp = _stamp(node)
+    its target, arguments or shape metadata change (see :func:`_unchanged`)."""
+    meta = node.meta.get("tensor_meta")
     hit = _CACHE.get(node)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and _unchanged(hit[0], node, meta):
         return hit[1]
-    from hant.cost_models.base import target_name
+    module = module_of(node)
+    fast = _MODULE_FACTS.get(type(module)) if module is not None else None
+    facts = fast(node, module, meta) if fast is not None else None
+    if facts is None:
+        from hant.cost_models.base import target_name
 
-    kind = op_kind(node)
-    facts = (_describe(node, kind), kind, target_name(node))
-    _CACHE[node] = (stamp, facts)
+        kind = op_kind(node)
+        facts = (_describe(node, kind), kind, target_name(node))
+    _CACHE[node] = (_stamp_of(node, meta), facts)
     return facts
 
 
-def _facts(node: Node) -> tuple:
-    return node_facts(node)[0]
+def _conv2d_facts(node: Node, module: nn.Conv2d, meta) -> tuple | None:
+    shape = getattr(meta, "shape", None)
+    in_shape = output_shape(node.args[0]) if node.args else None
+    if shape is None or in_shape is None or len(shape) != 4:
+        return None
+    k = int(round(math.sqrt(math.prod(module.kernel_size))))
+    data = (module.in_channels, module.out_channels, tuple(int(s) for s in in_shape), tuple(int(s) for s in shape), k,
+            max(module.stride), module.groups)
+    return ("conv", node.args[0], data), "conv", "Conv2d"
+
+
+def _batchnorm2d_facts(node: Node, module: nn.BatchNorm2d, meta) -> tuple | None:
+    shape = getattr(meta, "shape", None)
+    if shape is None or not node.args:
+        return None
+    return ("bn", node.args[0], (tuple(int(s) for s in shape),)), "batchnorm", "BatchNorm2d"
+
+
+def _activation_facts(kernel_act: str, class_name: str) -> Callable:
+    def facts(node: Node, module: nn.Module, meta) -> tuple | None:
+        shape = getattr(meta, "shape", None)
+        if shape is None or not node.args:
+            return None
+        return ("act", node.args[0], (tuple(int(s) for s in shape), kernel_act)), "activation", class_name
+    return facts
+
+
+def _global_pool_facts(node: Node, module: nn.AdaptiveAvgPool2d, meta) -> tuple | None:
+    shape = getattr(meta, "shape", None)
+    in_shape = output_shape(node.args[0]) if node.args else None
+    if shape is None or in_shape is None or any(int(s) != 1 for s in shape[2:]):
+        return None
+    data = ("pool_global", tuple(int(s) for s in in_shape), tuple(int(s) for s in shape), 1, 1)
+    return ("pool", None, data), "pool", "AdaptiveAvgPool2d"
+
+
+# The commonest modules, read straight off the module (op_kind and the op views build more than
+# grouping needs, and a network's first pricing asks about every node); anything these decline
+# (no shapes, other arities, a non-global pool) goes the general way. The answers must equal the
+# general way's: tests check them against the op views.
+_MODULE_FACTS: dict[type, Callable[[Node, nn.Module, object], tuple | None]] = {
+    nn.Conv2d: _conv2d_facts,
+    nn.BatchNorm2d: _batchnorm2d_facts,
+    nn.AdaptiveAvgPool2d: _global_pool_facts,
+    **{cls: _activation_facts(act, cls.__name__) for cls, act in (
+        (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.Sigmoid, "sigmoid"),
+        (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"))},
+}
 
 
 # ---------------------------------------------------------------- grouping

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torchvision.models import mobilenet_v3_small, resnet18, shufflenet_v2_x0_5
+from torchvision.models import efficientnet_b0, mobilenet_v3_small, resnet18, shufflenet_v2_x0_5
 
 import hant
 from hant.cost_models import get
@@ -175,26 +175,37 @@ def test_cached_node_facts_follow_new_shapes():
     assert (first["h"], again["h"]) == (64, 96) and again["ho"] == 48
 
 
-@pytest.mark.parametrize("model", [resnet18, mobilenet_v3_small])
-def test_conv_and_batchnorm_modules_read_directly_agree_with_their_views(model):
-    """Kernel grouping reads Conv2d and BatchNorm2d modules directly; the op views must say the same."""
-    from hant.cost_models.learned.kernels import node_facts
-    from hant.graphs.ops import batchnorm_of, conv_of, output_shape
+@pytest.mark.parametrize("model", [resnet18, mobilenet_v3_small, efficientnet_b0])
+def test_modules_read_directly_agree_with_the_general_way(model):
+    """Kernel grouping reads the commonest modules (Conv2d, BatchNorm2d, activations, global pools)
+    directly; what it reads must equal what op_kind and the op views say of the same nodes."""
+    from hant.cost_models.base import target_name
+    from hant.cost_models.learned.kernels import _MODULE_FACTS, _describe, node_facts
+    from hant.graphs.ops import module_of, op_kind
 
     gm = _trace(model(), 64)
-    checked = 0
+    read_directly = set()
     for node in gm.graph.nodes:
-        (role, main, data), _, _ = node_facts(node)
-        if (conv := conv_of(node)) is not None:
-            k = round(float(np.sqrt(np.prod(conv.kernel_size))))
-            assert (role, main) == ("conv", conv.input)
-            assert data == (conv.in_channels, conv.out_channels, tuple(output_shape(conv.input)),
-                            tuple(output_shape(node)), k, max(conv.stride), conv.groups)
-            checked += 1
-        elif (norm := batchnorm_of(node)) is not None:
-            assert (role, main, data) == ("bn", norm.input, (tuple(output_shape(node)),))
-            checked += 1
-    assert checked > 20
+        module = module_of(node)
+        if module is not None and type(module) in _MODULE_FACTS:
+            read_directly.add(type(module))
+        kind = op_kind(node)
+        assert node_facts(node) == (_describe(node, kind), kind, target_name(node)), node.name
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d} <= read_directly
+    assert read_directly & {nn.ReLU, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid}
+
+
+def test_node_facts_follow_rewired_arguments():
+    gm = _trace(resnet18(), 64)
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+                and n.args[0].op != "placeholder")
+    from hant.cost_models.learned.kernels import node_facts
+
+    before = node_facts(conv)[0]
+    placeholder = next(iter(gm.graph.find_nodes(op="placeholder")))
+    conv.args = (placeholder,)          # a pass rewires the conv to read the network input
+    after = node_facts(conv)[0]
+    assert before[1] is not placeholder and after[1] is placeholder
 
 
 # ------------------------------------------------------------------ kernels alone

@@ -276,6 +276,24 @@ def test_op_kind_by_module_type_agrees_with_the_views(name):
 
 
 
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small", "swin_t"])
+@pytest.mark.parametrize("form", FORMS)
+def test_op_kind_shortcut_for_functions_agrees_with_the_whole_chain(name, form, monkeypatch):
+    """op_kind sends a function node to the one view that accepts its target (or to is_identity_like);
+    with that shortcut off, every node must get the same kind from the whole chain of views."""
+    import torchvision
+
+    from hant.graphs import ops
+
+    torch.manual_seed(0)
+    gm = _capture(getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 64, 64), form)
+    shortcut = {node: op_kind(node) for node in gm.graph.nodes}
+    taken = sum(node.op == "call_function" and ops._function_kind(node) is not None for node in gm.graph.nodes)
+    monkeypatch.setattr(ops, "_function_kind", lambda node: None)
+    assert {node: op_kind(node) for node in gm.graph.nodes} == shortcut
+    assert taken > 5
+
+
 def _stochastic_depth():
     from torchvision.ops import stochastic_depth
 
