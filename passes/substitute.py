@@ -324,7 +324,12 @@ class SubstituteResult:
         return best
 
     def whole_price(self, choice: dict[str, str]) -> float:
-        """The cost model's latency of the student for ``choice``, assembled and priced whole (memoised)."""
+        """The cost model's latency of the student for ``choice``, assembled and priced whole (memoised).
+
+        The teacher everywhere is the teacher: its price is the teacher's (a measured model timing
+        the rebuilt teacher again could put it over a budget of 1.0 by noise alone)."""
+        if all(c == TEACHER for c in choice.values()):
+            return self.teacher_latency_s
         key = tuple(sorted(choice.items()))
         if key not in self._whole_prices:
             student = build_student(self, choice)

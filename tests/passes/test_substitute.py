@@ -256,6 +256,28 @@ def test_checked_choice_meets_the_budget_when_site_prices_do_not_add_up(tmp_path
     assert "sum of sites ms" in result.pareto_table()
 
 
+class _Drifting(_MacsAsLatency):
+    """MACs, 5 % dearer on every call: a machine that slows down while it is measured."""
+    name = "drifting_test"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def graph_cost(self, gm):
+        self.calls += 1
+        report = self.flops.graph_cost(gm)
+        return report.with_total_latency(float(report.total.macs) * 1.05 ** self.calls)
+
+
+def test_budget_one_keeps_the_teacher_even_when_the_cost_model_drifts(tmp_path):
+    result = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost=_Drifting(),
+                        candidates=["identity", "conv"], run_dir=tmp_path, steps=2, show_progress=False)
+    solution = result.solve(1.0)
+    assert set(solution.choice.values()) == {TEACHER} and solution.within_budget
+    assert solution.predicted_latency_s == result.teacher_latency_s
+
+
 def test_budget_one_keeps_the_teacher(tiny_result):
     solution = next(s for s in tiny_result.solutions if s.budget == 1.0)
     assert set(solution.choice.values()) == {TEACHER}
