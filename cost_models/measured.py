@@ -16,6 +16,9 @@ graphs: independent timings per graph, default 1, see below).
 * ``graph_cost(gm)``: one row per node as above; the total is the whole graph measured
   at once (``total="graph"``, the default) or the sum of the rows (``total="nodes"``). The
   notes give both, so the gap between them (what the runtime fuses) is visible.
+* ``relative_latency(gm, reference)``: ``gm``'s time over ``reference``'s, the two timed in
+  alternating blocks (a ratio that holds while the machine's speed drifts; not stored).
+  Operator substitution prices its students this way, against the teacher.
 
 Every measurement goes to the store, keyed by signature and the runtime's key (name, version,
 threads, device fingerprint); a stored measurement is reused. A whole graph is priced at the
@@ -29,6 +32,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import statistics
+import time
 from typing import Any
 
 import torch
@@ -269,6 +274,20 @@ def _example(shape: list[int], dtype_name: str) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
+def _runnable(gm: GraphModule) -> tuple[nn.Module, tuple]:
+    """``gm`` in eval mode (a copy when any part of it is in training mode: the caller's graph stays
+    untouched, and train-mode BN would update its statistics) and example inputs of its placeholders' shapes."""
+    inputs = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = _shape(node)
+        if shape is None:
+            raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
+                                 "on the graph before measuring it")
+        inputs.append(_example(shape, _dtype_name(output_dtype(node))))
+    module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
+    return module, tuple(inputs)
+
+
 def build_op(node: Node, signature: dict | None = None) -> tuple[nn.Module, tuple]:
     """A tiny eval-mode module computing the node's op, and example inputs of its real shapes.
 
@@ -386,19 +405,33 @@ class MeasuredModel(NodeSumCostModel):
         stored = found.samples if found is not None else 0
         if stored >= self.samples:
             return found.latency_s
-        inputs = []
-        for node in gm.graph.find_nodes(op="placeholder"):
-            shape = _shape(node)
-            if shape is None:
-                raise CostModelError(f"placeholder {node.name} has no shape; run hant.trace or propagate_shapes "
-                                     "on the graph before measuring it")
-            inputs.append(_example(shape, _dtype_name(output_dtype(node))))
-        # an inference figure, and the caller's graph stays untouched (train-mode BN would update its statistics)
-        module = copy.deepcopy(gm).eval() if any(m.training for m in gm.modules()) else gm
+        module, inputs = _runnable(gm)
         for _ in range(self.samples - stored):
-            timing = self.measure_module(module, tuple(inputs))
+            timing = self.measure_module(module, inputs)
             found = self.store.add_graph_timing(key, self.key, timing.median_s, timing.spread)
         return found.latency_s
+
+    def relative_latency(self, gm: GraphModule, reference: GraphModule, rounds: int = 200,
+                         time_cap_s: float = 3.0) -> float:
+        """``gm``'s time over ``reference``'s, the two timed in alternating blocks on this runtime
+        (A B A B ..., after a warm-up of each): the median of the per-round ratios (not stored).
+
+        Both see the same machine state in every round, so the ratio holds however the machine's
+        speed drifts while, or between, graphs are priced. Stops after ``rounds`` rounds or
+        ``time_cap_s`` seconds (at least 10 rounds). Both graphs need the same input shapes.
+        """
+        module, inputs = _runnable(gm)
+        other, other_inputs = _runnable(reference)
+        if [tuple(t.shape) for t in inputs] != [tuple(t.shape) for t in other_inputs]:
+            raise CostModelError("relative_latency needs two graphs with the same input shapes")
+        block, reference_block = self.runtime.block(module, inputs), self.runtime.block(other, inputs)
+        first = min(block(1) for _ in range(5))
+        reference_first = min(reference_block(1) for _ in range(5))
+        number = max(1, int(self.graph_timing.block_s / max(first, reference_first, 1e-9)))
+        ratios, start = [], time.perf_counter()
+        while len(ratios) < rounds and (len(ratios) < 10 or time.perf_counter() - start < time_cap_s):
+            ratios.append(block(number) / reference_block(number))
+        return float(statistics.median(ratios))
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
         """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""

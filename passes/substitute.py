@@ -272,6 +272,7 @@ class SubstituteResult:
     budget: float | None = None
     score_kind: str = "distill"
     _whole_prices: dict = field(default_factory=dict, repr=False)
+    _deployed_teacher: GraphModule | None = field(default=None, repr=False)
 
     def solve(self, budget: float, extra: Sequence = (), score: str | None = None,
               check: bool = True) -> BudgetSolution:
@@ -326,14 +327,25 @@ class SubstituteResult:
     def whole_price(self, choice: dict[str, str]) -> float:
         """The cost model's latency of the student for ``choice``, assembled and priced whole (memoised).
 
-        The teacher everywhere is the teacher: its price is the teacher's (a measured model timing
-        the rebuilt teacher again could put it over a budget of 1.0 by noise alone)."""
+        A cost model that times graphs against each other (``relative_latency(gm, reference)``, as
+        the measured models do) prices the student as the teacher's latency times the student's
+        time over the deployed teacher's in alternating rounds: budgets are fractions of the
+        teacher's latency, and that ratio does not move with the machine's speed between pricing
+        the teacher and pricing the student. The teacher everywhere is the teacher: its price is
+        the teacher's (timing the rebuilt teacher again could put it over a budget of 1.0 by noise)."""
         if all(c == TEACHER for c in choice.values()):
             return self.teacher_latency_s
         key = tuple(sorted(choice.items()))
         if key not in self._whole_prices:
             student = build_student(self, choice)
-            self._whole_prices[key] = float(self.cost_model.graph_cost(student).latency_s)
+            relative = getattr(self.cost_model, "relative_latency", None)
+            if relative is not None:
+                if self._deployed_teacher is None:
+                    self._deployed_teacher = build_student(self, {s.name: TEACHER for s in self.sites})
+                price = self.teacher_latency_s * float(relative(student, self._deployed_teacher))
+            else:
+                price = float(self.cost_model.graph_cost(student).latency_s)
+            self._whole_prices[key] = price
         return self._whole_prices[key]
 
     def for_budget(self, budget: float, score: str | None = None) -> GraphModule:

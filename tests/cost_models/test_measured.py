@@ -199,3 +199,16 @@ def test_measuring_a_train_mode_graph_leaves_it_untouched(tmp_path):
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "s.db", op_timing=FAST, graph_timing=FAST).graph_cost(gm)
     assert gm.training and all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 256)
+    small = hant.trace(nn.Sequential(nn.Linear(256, 256)).eval(), x)
+    large = hant.trace(nn.Sequential(*[nn.Linear(256, 256) for _ in range(16)]).eval(), x)
+    model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "t.db")
+    ratio = model.relative_latency(large, small, rounds=30)
+    assert 3.0 < ratio < 40.0            # sixteen layers against one, whatever the machine does meanwhile
+    assert model.relative_latency(small, large, rounds=30) < 1.0
+    with pytest.raises(hant.CostModelError, match="same input shapes"):
+        model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))

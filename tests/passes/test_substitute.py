@@ -278,6 +278,28 @@ def test_budget_one_keeps_the_teacher_even_when_the_cost_model_drifts(tmp_path):
     assert solution.predicted_latency_s == result.teacher_latency_s
 
 
+class _Comparing(_MacsAsLatency):
+    """MACs, and a comparison of two graphs that says twice their MAC ratio (so its use shows)."""
+    name = "comparing_test"
+
+    def relative_latency(self, gm, reference):
+        return 2.0 * self.graph_cost(gm).latency_s / self.graph_cost(reference).latency_s
+
+
+def test_students_are_priced_against_the_teacher_by_a_comparing_cost_model(tmp_path):
+    from hant.passes import PassManager
+
+    teacher, x = _tiny(), torch.randn(1, 1, 12, 12)
+    result = substitute(teacher, x, _batches(), budget=1.0, cost=_Comparing(), candidates=["conv"], run_dir=tmp_path,
+                        steps=2, show_progress=False)
+    choice = {s.name: TEACHER for s in result.sites}
+    choice["block"] = "conv_k1_relu"
+    deployed = PassManager("exact", cost=None, check=None)(hant.trace(teacher, x)).graph_module
+    ratio = _MacsAsLatency().graph_cost(build_student(result, choice)).latency_s / \
+        _MacsAsLatency().graph_cost(deployed).latency_s
+    assert result.whole_price(choice) == pytest.approx(result.teacher_latency_s * 2.0 * ratio, rel=1e-9)
+
+
 def test_budget_one_keeps_the_teacher(tiny_result):
     solution = next(s for s in tiny_result.solutions if s.budget == 1.0)
     assert set(solution.choice.values()) == {TEACHER}
