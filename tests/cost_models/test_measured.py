@@ -207,8 +207,23 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
     small = hant.trace(nn.Sequential(nn.Linear(256, 256)).eval(), x)
     large = hant.trace(nn.Sequential(*[nn.Linear(256, 256) for _ in range(16)]).eval(), x)
     model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "t.db")
+    real = model.relative_latency(large, small, rounds=20)
+    assert real > 0 and real == real and real != float("inf")
+
+    # the arithmetic, on a runtime whose blocks take a known time: layers x 1 ms, and the machine
+    # slows down 1 % per block (the ratio must not see the drift, A and B alternate)
+    calls = []
+
+    def block(module, inputs):
+        layers = len([m for m in module.modules() if isinstance(m, nn.Linear)])
+
+        def timed(number):
+            calls.append(layers)
+            return layers * 1e-3 * 1.01 ** len(calls)
+        return timed
+    model.runtime.block = block
     ratio = model.relative_latency(large, small, rounds=30)
-    assert 3.0 < ratio < 40.0            # sixteen layers against one, whatever the machine does meanwhile
-    assert model.relative_latency(small, large, rounds=30) < 1.0
+    assert ratio == pytest.approx(16 / 1.01, rel=1e-9)       # each round: B timed one block after A
+    assert calls[-60:] == [16, 1] * 30                         # alternating, after the warm-up of each
     with pytest.raises(hant.CostModelError, match="same input shapes"):
         model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))

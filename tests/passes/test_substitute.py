@@ -196,17 +196,23 @@ class _MacsAsLatency:
 hant.cost_models.register("flops_latency_test", lambda arg: _MacsAsLatency())
 
 
-class _SharedWork(_MacsAsLatency):
-    """MACs plus a cost that grows slower than the node count: parts priced alone add up to
-    more than the whole, as sites timed alone do on a real runtime."""
-    name = "shared_work_test"
+class _MacsPlusNodes(_MacsAsLatency):
+    """MACs plus ``scale * rows ** power``. With ``power < 1`` parts priced alone add up to more
+    than the whole, as sites timed alone do on a real runtime; with ``power > 1`` a student priced
+    whole costs more than the rest of the teacher plus its sites (per-node work that grows with
+    the graph)."""
+
+    def __init__(self, name: str, scale: float, power: float):
+        super().__init__()
+        self.name, self.scale, self.power = name, scale, power
 
     def graph_cost(self, gm):
         report = self.flops.graph_cost(gm)
-        return report.with_total_latency(float(report.total.macs) + 1e4 * len(report.rows) ** 0.5)
+        return report.with_total_latency(float(report.total.macs) + self.scale * len(report.rows) ** self.power)
 
 
-hant.cost_models.register("shared_work_test", lambda arg: _SharedWork())
+hant.cost_models.register("shared_work_test", lambda arg: _MacsPlusNodes("shared_work_test", 1e4, 0.5))
+hant.cost_models.register("superlinear_test", lambda arg: _MacsPlusNodes("superlinear_test", 2000.0, 1.5))
 
 
 def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tmp_path):
@@ -214,25 +220,12 @@ def test_site_prices_are_scaled_to_the_whole_teacher_when_they_add_up_to_more(tm
     teacher, x = _tiny(), torch.randn(1, 1, 12, 12)
     result = substitute(teacher, x, _batches(), budget=1.0, cost="shared_work_test", candidates=["identity"],
                         run_dir=tmp_path, steps=2, show_progress=False)
-    whole = _SharedWork().graph_cost(PassManager("exact", cost=None, check=None)(hant.trace(teacher, x)).graph_module)
+    deployed = PassManager("exact", cost=None, check=None)(hant.trace(teacher, x)).graph_module
+    whole = hant.cost_models.get("shared_work_test").graph_cost(deployed)
     alone = sum(result.options[s.name]["teacher"].latency_s for s in result.sites)
     assert result.teacher_latency_s == pytest.approx(whole.latency_s, rel=1e-9)
     assert result.fixed_latency_s == pytest.approx(0.0, abs=1e-6) and alone == pytest.approx(whole.latency_s, rel=1e-9)
     assert result.solve(1.0).choice == {s.name: "teacher" for s in result.sites}
-
-
-class _Superlinear(_MacsAsLatency):
-    """MACs plus a cost that grows faster than the node count: a student priced whole costs more
-    than the rest of the teacher plus its sites, as on a runtime whose per-node work grows with
-    the graph."""
-    name = "superlinear_test"
-
-    def graph_cost(self, gm):
-        report = self.flops.graph_cost(gm)
-        return report.with_total_latency(float(report.total.macs) + 2000.0 * len(report.rows) ** 1.5)
-
-
-hant.cost_models.register("superlinear_test", lambda arg: _Superlinear())
 
 
 def test_checked_choice_meets_the_budget_when_site_prices_do_not_add_up(tmp_path):
@@ -246,7 +239,7 @@ def test_checked_choice_meets_the_budget_when_site_prices_do_not_add_up(tmp_path
         # the prediction is the cost model's price of the very student that for_budget builds
         assert checked.within_budget and checked.predicted_latency_s <= limit * (1 + 1e-9)
         assert checked.predicted_latency_s == pytest.approx(
-            _Superlinear().graph_cost(result.for_budget(budget)).latency_s, rel=1e-9)
+            hant.cost_models.get("superlinear_test").graph_cost(result.for_budget(budget)).latency_s, rel=1e-9)
         if result.whole_price(plain.choice) <= limit:
             assert checked.total_score <= plain.total_score    # never worse than the program alone when it holds
         else:
