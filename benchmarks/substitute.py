@@ -307,7 +307,8 @@ def main(argv=None) -> int:
                 f"un-augmented train images. Every student fine-tuned {args.finetune_epochs} epochs (KD T=4, alpha "
                 f"{args.alpha} with labels, AdamW lr {args.finetune_lr} cosine, shifted images). Accuracy on the 359 "
                 f"test images. Latency: onnxruntime, {args.passes} passes of {args.runs} interleaved rounds "
-                f"(teacher and every student, {args.calls_per_round} consecutive call(s) of each per round), each after a {args.pause:g} s pause; a latency is the least over "
+                f"(teacher and every student, {args.calls_per_round} consecutive call(s) of each per round), each "
+                f"after a {args.pause:g} s pause; a latency is the least over "
                 f"passes of each pass's median (the quietest pass), a speedup the median over passes of the "
                 f"teacher's time over the student's in that pass, with its range over passes.", ""]
     summary = []

@@ -272,7 +272,7 @@ class SubstituteResult:
     budget: float | None = None
     score_kind: str = "distill"
     _whole_prices: dict = field(default_factory=dict, repr=False)
-    _deployed_teacher: GraphModule | None = field(default=None, repr=False)
+    deployed_teacher: GraphModule | None = field(default=None, repr=False)   # the teacher after exact passes
 
     def solve(self, budget: float, extra: Sequence = (), score: str | None = None,
               check: bool = True) -> BudgetSolution:
@@ -340,9 +340,9 @@ class SubstituteResult:
             student = build_student(self, choice)
             relative = getattr(self.cost_model, "relative_latency", None)
             if relative is not None:
-                if self._deployed_teacher is None:
-                    self._deployed_teacher = build_student(self, {s.name: TEACHER for s in self.sites})
-                price = self.teacher_latency_s * float(relative(student, self._deployed_teacher))
+                if self.deployed_teacher is None:
+                    self.deployed_teacher = build_student(self, {s.name: TEACHER for s in self.sites})
+                price = self.teacher_latency_s * float(relative(student, self.deployed_teacher))
             else:
                 price = float(self.cost_model.graph_cost(student).latency_s)
             self._whole_prices[key] = price
@@ -684,7 +684,7 @@ def substitute(teacher: nn.Module, example_inputs: Any, loader: Iterable, *, bud
     teacher_latency = fixed + teacher_sites
 
     result = SubstituteResult(gm, chosen_sites, options, modules, fixed, teacher_latency, inputs, cost_model,
-                              score_kind=score)
+                              score_kind=score, deployed_teacher=deployed_teacher)
     timer = get_cost_model(measure) if measure is not None else None
     students = {}
     for b in sorted(set(budgets) | {budget}):
