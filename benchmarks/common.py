@@ -21,10 +21,12 @@ __all__ = ["interleaved_rounds", "interleaved_medians", "ort_session", "environm
 
 
 def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, warmup: int,
-                       calls_per_round: int = 1) -> dict[str, dict[str, list[float]]]:
+                       calls_per_round: int = 1, settle_calls: int = 0) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each function, timed in rounds A B C A B C ... after ``warmup`` calls of each.
 
-    Each round times ``calls_per_round`` consecutive calls of each function, one sample per call.
+    Each round times ``calls_per_round`` consecutive calls of each function, one sample per call,
+    after ``settle_calls`` untimed ones (which pay for switching from the previous function: with
+    them the samples are steady-state times, a function called again and again).
     Returns ``{"wall": {name: samples}, "cpu": {name: samples}}`` (cpu: this thread's CPU time,
     which other jobs on a shared machine disturb much less than the wall clock).
     """
@@ -35,6 +37,8 @@ def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, wa
     cpu: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(runs):
         for name, fn in functions.items():
+            for _ in range(settle_calls):
+                fn()
             for _ in range(calls_per_round):
                 start_cpu, start = time.thread_time(), time.perf_counter()
                 fn()
@@ -44,9 +48,9 @@ def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, wa
 
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], runs: int, warmup: int,
-                        calls_per_round: int = 1) -> dict[str, float]:
+                        calls_per_round: int = 1, settle_calls: int = 0) -> dict[str, float]:
     """Median wall seconds per call of each function, timed as :func:`interleaved_rounds` does."""
-    wall = interleaved_rounds(functions, runs, warmup, calls_per_round)["wall"]
+    wall = interleaved_rounds(functions, runs, warmup, calls_per_round, settle_calls)["wall"]
     return {name: statistics.median(t) for name, t in wall.items()}
 
 

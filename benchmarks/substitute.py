@@ -134,7 +134,8 @@ def timing_passes(runners: dict, args) -> tuple[dict[str, float], dict[str, tupl
     for _ in range(args.passes):
         gc.collect()
         time.sleep(args.pause)
-        passes.append(interleaved_medians(runners, args.runs, args.warmup, args.calls_per_round))
+        passes.append(interleaved_medians(runners, args.runs, args.warmup, args.calls_per_round,
+                                          args.settle_calls))
     quietest = {name: min(p[name] for p in passes) for name in runners}
     speedups = {}
     for name in runners:
@@ -273,9 +274,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=30, help="untimed calls of each runner before a pass")
     parser.add_argument("--passes", type=int, default=10, help="timing passes, a pause before each")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds of pause before each timing pass")
-    parser.add_argument("--calls-per-round", type=int, default=1,
-                        help="consecutive calls of each network per round (1: every call follows other networks' "
-                             "calls, caches shared; more: mostly back-to-back calls, as a model serving requests)")
+    parser.add_argument("--calls-per-round", type=int, default=5,
+                        help="timed back-to-back calls of each network per round, each one sample")
+    parser.add_argument("--settle-calls", type=int, default=1,
+                        help="untimed calls of each network before its timed ones in every round (they pay for "
+                             "switching from the previous network; with 1 or more the samples are steady-state "
+                             "times, as of a model serving requests and as the cost model prices; 0: the first "
+                             "call after another network is timed too)")
     parser.add_argument("--run-dir", default=os.path.join(tempfile.gettempdir(), "hant-bench-substitute"))
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--out", default="substitute.md", help="file name of the table under --results")
@@ -307,7 +312,8 @@ def main(argv=None) -> int:
                 f"un-augmented train images. Every student fine-tuned {args.finetune_epochs} epochs (KD T=4, alpha "
                 f"{args.alpha} with labels, AdamW lr {args.finetune_lr} cosine, shifted images). Accuracy on the 359 "
                 f"test images. Latency: onnxruntime, {args.passes} passes of {args.runs} interleaved rounds "
-                f"(teacher and every student, {args.calls_per_round} consecutive call(s) of each per round), each "
+                f"(teacher and every student, each per round {args.settle_calls} untimed then {args.calls_per_round} "
+                f"timed back-to-back call(s), one sample per call), each "
                 f"after a {args.pause:g} s pause; a latency is the least over "
                 f"passes of each pass's median (the quietest pass), a speedup the median over passes of the "
                 f"teacher's time over the student's in that pass, with its range over passes.", ""]

@@ -16,8 +16,8 @@ graphs: independent timings per graph, default 1, see below).
 * ``graph_cost(gm)``: one row per node as above; the total is the whole graph measured
   at once (``total="graph"``, the default) or the sum of the rows (``total="nodes"``). The
   notes give both, so the gap between them (what the runtime fuses) is visible.
-* ``relative_latency(gm, reference)``: ``gm``'s time over ``reference``'s, the two timed in
-  alternating blocks (a ratio that holds while the machine's speed drifts; not stored).
+* ``relative_latency(gm, reference)``: ``gm``'s steady-state time per call over ``reference``'s,
+  the two timed in alternating blocks (a ratio that holds while the machine's speed drifts; not stored).
   Operator substitution prices its students this way, against the teacher.
 
 Every measurement goes to the store, keyed by signature and the runtime's key (name, version,
@@ -412,25 +412,34 @@ class MeasuredModel(NodeSumCostModel):
         return found.latency_s
 
     def relative_latency(self, gm: GraphModule, reference: GraphModule, rounds: int = 200,
-                         time_cap_s: float = 3.0) -> float:
-        """``gm``'s time over ``reference``'s, the two timed in alternating blocks on this runtime
-        (A B A B ..., after a warm-up of each): the median of the per-round ratios (not stored).
+                         time_cap_s: float = 3.0, block_s: float = 0.002) -> float:
+        """``gm``'s steady-state time per call over ``reference``'s, the two timed in alternating blocks
+        on this runtime (A B A B ..., after a warm-up of each): the median of the per-round ratios (not
+        stored).
 
-        Both see the same machine state in every round, so the ratio holds however the machine's
-        speed drifts while, or between, graphs are priced. Stops after ``rounds`` rounds or
-        ``time_cap_s`` seconds (at least 10 rounds). Both graphs need the same input shapes.
+        Each block is one untimed call, which pays for switching from the other graph (caches, the
+        allocator), then back-to-back calls for about ``block_s`` seconds: the per-call time of a graph
+        run again and again, which is what the store's timings of ops and graphs measure too. Both
+        graphs see the same machine state in every round, so the ratio holds however the machine's speed
+        drifts while, or between, graphs are priced. Stops after ``rounds`` rounds or ``time_cap_s``
+        seconds (at least 10 rounds). Both graphs need the same input shapes.
         """
         module, inputs = _runnable(gm)
         other, other_inputs = _runnable(reference)
         if [tuple(t.shape) for t in inputs] != [tuple(t.shape) for t in other_inputs]:
             raise CostModelError("relative_latency needs two graphs with the same input shapes")
-        block, reference_block = self.runtime.block(module, inputs), self.runtime.block(other, inputs)
-        first = min(block(1) for _ in range(5))
-        reference_first = min(reference_block(1) for _ in range(5))
-        number = max(1, int(self.graph_timing.block_s / max(first, reference_first, 1e-9)))
+        blocks = []
+        for block in (self.runtime.block(module, inputs), self.runtime.block(other, inputs)):
+            first = min(block(1) for _ in range(5))
+            blocks.append((block, max(1, round(block_s / max(first, 1e-9)))))
+
+        def steady(block, number: int) -> float:
+            block(1)
+            return block(number)
+        (timed, number), (reference_timed, reference_number) = blocks
         ratios, start = [], time.perf_counter()
         while len(ratios) < rounds and (len(ratios) < 10 or time.perf_counter() - start < time_cap_s):
-            ratios.append(block(number) / reference_block(number))
+            ratios.append(steady(timed, number) / steady(reference_timed, reference_number))
         return float(statistics.median(ratios))
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:

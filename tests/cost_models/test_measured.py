@@ -218,12 +218,14 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
         layers = len([m for m in module.modules() if isinstance(m, nn.Linear)])
 
         def timed(number):
-            calls.append(layers)
+            calls.append((layers, number))
             return layers * 1e-3 * 1.01 ** len(calls)
         return timed
     model.runtime.block = block
-    ratio = model.relative_latency(large, small, rounds=30)
-    assert ratio == pytest.approx(16 / 1.01, rel=1e-9)       # each round: B timed one block after A
-    assert calls[-60:] == [16, 1] * 30                         # alternating, after the warm-up of each
+    ratio = model.relative_latency(large, small, rounds=30, block_s=0.032)
+    # each round: A's untimed call, A's block, B's untimed call, B's block (timed two blocks after A's)
+    assert ratio == pytest.approx(16 / 1.01 ** 2, rel=1e-9)
+    # blocks of about 32 ms each: 2 calls of the 16 ms graph, 30 of the 1 ms one
+    assert calls[-120:] == [(16, 1), (16, 2), (1, 1), (1, 30)] * 30
     with pytest.raises(hant.CostModelError, match="same input shapes"):
         model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))
