@@ -251,6 +251,24 @@ class BudgetSolution:
     rounds: int = 1
 
 
+def _better(best: BudgetSolution | None, found: BudgetSolution) -> BudgetSolution:
+    """The better of two checked solutions: within budget first, then lower score, then cheaper."""
+    if best is None or (found.within_budget, -found.total_score, -found.predicted_latency_s) > \
+            (best.within_budget, -best.total_score, -best.predicted_latency_s):
+        return found
+    return best
+
+
+def _meets(extra: Sequence, picked: Sequence[int]) -> bool:
+    """Whether the choice of option ``picked[s]`` at every site ``s`` meets every extra constraint."""
+    for constraint in extra:
+        total = sum(float(v[k]) for v, k in zip(constraint.values, picked))
+        slack = 1e-9 * max(1.0, abs(total))
+        if not constraint.lower - slack <= total <= constraint.upper + slack:
+            return False
+    return True
+
+
 @dataclass
 class SubstituteResult:
     """What ``substitute`` found: per-site options, the Pareto table, and students on demand.
@@ -284,10 +302,12 @@ class SubstituteResult:
         them. With ``check`` (the default) the chosen student is assembled and priced whole by
         the cost model; when that price misses the budget, the program is solved again with
         the site budget moved by the gap just seen (whole price minus additive figure), for up
-        to :data:`CHECK_ROUNDS` rounds or until a choice repeats. The answer is the best-scoring
-        choice whose whole price meets the budget (``within_budget``), or, when no round found
-        one, the one priced lowest, with ``within_budget=False``. ``check=False`` returns the
-        first program's choice priced additively.
+        to :data:`CHECK_ROUNDS` rounds or until a choice repeats. Students already priced whole
+        for other budgets (and meeting ``extra``) compete too, so a student found for a tighter
+        budget is never lost to a looser one. The answer is the best-scoring choice whose whole
+        price meets the budget (``within_budget``), or, when none does, the one priced lowest, with
+        ``within_budget=False``. ``check=False`` returns the first program's choice priced
+        additively.
         """
         kind = score or self.score_kind
         names = [s.name for s in self.sites]
@@ -295,13 +315,14 @@ class SubstituteResult:
         scores = [[self.options[n][c].score_of(kind) for c in cs] for n, cs in zip(names, cands)]
         latencies = [[self.options[n][c].latency_s for c in cs] for n, cs in zip(names, cands)]
         limit = budget * self.teacher_latency_s
-        gap, seen, best = 0.0, set(), None
+        gap, seen, best, failure = 0.0, set(), None, None
         for rounds in range(1, CHECK_ROUNDS + 1):
             try:
                 picked = multiple_choice(scores, latencies, limit - gap - self.fixed_latency_s, extra=extra)
-            except PassError:
-                if best is None:
+            except PassError as error:
+                if not check:
                     raise
+                failure = error
                 break
             choice = {n: cs[k] for n, cs, k in zip(names, cands, picked.options)}
             additive = self.fixed_latency_s + picked.total_latency
@@ -315,12 +336,22 @@ class SubstituteResult:
             whole = self.whole_price(choice)
             found = BudgetSolution(budget, choice, whole, picked.total_score, score_kind=kind, sites_latency_s=additive,
                                    within_budget=whole <= limit * (1 + 1e-9), rounds=rounds)
-            if best is None or (found.within_budget, -found.total_score, -whole) > \
-                    (best.within_budget, -best.total_score, -best.predicted_latency_s):
-                best = found
+            best = _better(best, found)
             if found.within_budget and gap >= 0.0 and whole >= additive:
                 break            # met under a gap that only tightened: loosening could not keep the budget
             gap = whole - additive
+        for key, whole in self._whole_prices.items():
+            if whole > limit * (1 + 1e-9) or key in seen:
+                continue
+            choice = dict(key)
+            picked = [cs.index(choice[n]) for n, cs in zip(names, cands)]
+            if _meets(extra, picked):
+                earlier = BudgetSolution(budget, choice, whole, sum(v[k] for v, k in zip(scores, picked)),
+                                         score_kind=kind, rounds=rounds, sites_latency_s=self.fixed_latency_s + sum(
+                                             t[k] for t, k in zip(latencies, picked)))
+                best = _better(best, earlier)
+        if best is None:
+            raise failure
         best.rounds = rounds
         return best
 

@@ -249,6 +249,32 @@ def test_checked_choice_meets_the_budget_when_site_prices_do_not_add_up(tmp_path
     assert "sum of sites ms" in result.pareto_table()
 
 
+def test_students_priced_for_other_budgets_compete_and_keep_the_extra_constraints(tmp_path):
+    from hant.passes.selection import ExtraConstraint
+
+    result = substitute(_tiny(), torch.randn(1, 1, 12, 12), _batches(), budget=1.0, cost="superlinear_test",
+                        candidates=["identity", "conv", "dws", "svd"], run_dir=tmp_path, steps=2, show_progress=False)
+    # over a sweep of budgets the score never gets worse as the budget loosens
+    scores = [result.solve(b).total_score for b in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    assert all(later <= sooner + 1e-12 for sooner, later in zip(scores, scores[1:]))
+
+    # the last site swapped for its best-scoring candidate, as if an earlier budget had priced that
+    # student whole, cheaply: no other student within budget scores better, so it is the answer
+    names = [s.name for s in result.sites]
+    site = names[-1]
+    score = {c: option.score_of(result.score_kind) for c, option in result.options[site].items()}
+    swap = min((c for c in score if c != TEACHER), key=score.get)
+    earlier = {n: (swap if n == site else TEACHER) for n in names}
+    assert result.solve(0.55).choice != earlier
+    result._whole_prices[tuple(sorted(earlier.items()))] = 0.3 * result.teacher_latency_s
+    found = result.solve(0.55)
+    assert found.choice == earlier and found.within_budget and found.total_score == pytest.approx(score[swap])
+    # ... unless an extra constraint rules it out
+    values = [[1.0 if (n == site and c == swap) else 0.0 for c in result.options[n]] for n in names]
+    other = result.solve(0.55, extra=[ExtraConstraint(values, upper=0.0, name="not that one")])
+    assert other.choice[site] != swap and other.within_budget
+
+
 class _Drifting(_MacsAsLatency):
     """MACs, 5 % dearer on every call: a machine that slows down while it is measured."""
     name = "drifting_test"
