@@ -835,7 +835,7 @@ def _stochastic_depth_in_eval(node: Node) -> bool:
     target = node.target
     if getattr(target, "__name__", "") != "stochastic_depth" or "torchvision" not in getattr(target, "__module__", ""):
         return False
-    kw = _normalized(node) or {}
+    kw = (_normalized(node) or {}) if node.kwargs else {}     # all positional: no signature to bind
     training = kw.get("training", node.args[3] if len(node.args) > 3 else True)
     p = kw.get("p", node.args[1] if len(node.args) > 1 else 1.0)
     return training is False or p == 0.0

@@ -365,26 +365,26 @@ class KernelCostModel(GraphPricedModel):
             at[r.at] = at.get(r.at, 0.0) + float(t)
         rows = []
         empty = Cost()
+        macs = read = written = params = 0
         for node in gm.graph.nodes:
             if node.op in _SKIP:
                 continue
-            hit = by_anchor.get(node.name)
-            extra = at.get(node.name, 0.0)
+            name = node.name
+            hit = by_anchor.get(name)
+            extra = at.get(name, 0.0)
             if hit is None:
                 cost = Cost(extra) if extra else empty
             else:
                 kernel, latency = hit
-                macs, in_b, out_b, w_b = kernel_work(kernel.config)
-                cost = Cost(float(latency) + extra, macs, 4 * (in_b + w_b), 4 * out_b, w_b)
+                counted_macs, in_b, out_b, w_b = kernel_work(kernel.config)
+                cost = Cost(float(latency) + extra, counted_macs, 4 * (in_b + w_b), 4 * out_b, w_b)
+                macs, read, written, params = (macs + counted_macs, read + cost.bytes_read,
+                                               written + cost.bytes_written, params + w_b)
             _, kind, target = facts[node]
             shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-            rows.append(CostRow(node.name, kind, target, (), tuple(shape) if shape is not None else None, cost))
+            rows.append(CostRow(name, kind, target, (), tuple(shape) if shape is not None else None, cost))
         network = KernelNetwork(tuple(configs), tuple((r.to_blocked, r.elements) for r in reorders))
         total = self.predictor.network_seconds(seconds, network)
-        macs = sum(r.cost.macs for r in rows)
-        read = sum(r.cost.bytes_read for r in rows)
-        written = sum(r.cost.bytes_written for r in rows)
-        params = sum(r.cost.params for r in rows)
         rows_s = float(shares.sum() + reorder_s.sum())
         notes = [f"predicted by a kernel predictor: {len(kernels)} kernels and {len(reorders)} layout reorders "
                  f"({reorder_s.sum() * 1e3:.4g} ms); the total includes {(total - rows_s) * 1e3:.4g} ms of "

@@ -34,6 +34,7 @@ its store signature is ``{"kind": "kernel", "config": config}``.
 from __future__ import annotations
 
 import math
+import operator
 import random
 import weakref
 from dataclasses import dataclass
@@ -180,9 +181,14 @@ def node_facts(node: Node) -> tuple[tuple, str, str]:
     hit = _CACHE.get(node)
     if hit is not None and _unchanged(hit[0], node, meta):
         return hit[1]
-    module = module_of(node)
-    fast = _MODULE_FACTS.get(type(module)) if module is not None else None
-    facts = fast(node, module, meta) if fast is not None else None
+    facts = None
+    if node.op == "call_module":
+        module = module_of(node)
+        fast = _MODULE_FACTS.get(type(module)) if module is not None else None
+        facts = fast(node, module, meta) if fast is not None else None
+    elif node.op == "call_function":
+        fast = _FUNCTION_FACTS.get(node.target)
+        facts = fast(node, meta) if fast is not None else None
     if facts is None:
         from hant.cost_models.base import target_name
 
@@ -198,7 +204,7 @@ def _conv2d_facts(node: Node, module: nn.Conv2d, meta) -> tuple | None:
     if shape is None or in_shape is None or len(shape) != 4:
         return None
     k = int(round(math.sqrt(math.prod(module.kernel_size))))
-    data = (module.in_channels, module.out_channels, tuple(int(s) for s in in_shape), tuple(int(s) for s in shape), k,
+    data = (module.in_channels, module.out_channels, tuple(map(int, in_shape)), tuple(map(int, shape)), k,
             max(module.stride), module.groups)
     return ("conv", node.args[0], data), "conv", "Conv2d"
 
@@ -207,7 +213,7 @@ def _batchnorm2d_facts(node: Node, module: nn.BatchNorm2d, meta) -> tuple | None
     shape = getattr(meta, "shape", None)
     if shape is None or not node.args:
         return None
-    return ("bn", node.args[0], (tuple(int(s) for s in shape),)), "batchnorm", "BatchNorm2d"
+    return ("bn", node.args[0], (tuple(map(int, shape)),)), "batchnorm", "BatchNorm2d"
 
 
 def _activation_facts(kernel_act: str, class_name: str) -> Callable:
@@ -215,7 +221,7 @@ def _activation_facts(kernel_act: str, class_name: str) -> Callable:
         shape = getattr(meta, "shape", None)
         if shape is None or not node.args:
             return None
-        return ("act", node.args[0], (tuple(int(s) for s in shape), kernel_act)), "activation", class_name
+        return ("act", node.args[0], (tuple(map(int, shape)), kernel_act)), "activation", class_name
     return facts
 
 
@@ -224,8 +230,21 @@ def _global_pool_facts(node: Node, module: nn.AdaptiveAvgPool2d, meta) -> tuple 
     in_shape = output_shape(node.args[0]) if node.args else None
     if shape is None or in_shape is None or any(int(s) != 1 for s in shape[2:]):
         return None
-    data = ("pool_global", tuple(int(s) for s in in_shape), tuple(int(s) for s in shape), 1, 1)
+    data = ("pool_global", tuple(map(int, in_shape)), tuple(map(int, shape)), 1, 1)
     return ("pool", None, data), "pool", "AdaptiveAvgPool2d"
+
+
+def _binary_function_facts(kind: str, name: str) -> Callable:
+    def facts(node: Node, meta) -> tuple | None:
+        shape = getattr(meta, "shape", None)
+        if shape is None or len(node.args) != 2 or node.kwargs:
+            return None
+        lhs, rhs = output_shape(node.args[0]), output_shape(node.args[1])
+        if lhs is None or rhs is None:
+            return None                     # a constant or a size operand: the general way
+        out = tuple(map(int, shape))
+        return (kind, None, (out, min(_numel(lhs), _numel(rhs)) < _numel(out))), kind, name
+    return facts
 
 
 # The commonest modules, read straight off the module (op_kind and the op views build more than
@@ -239,6 +258,11 @@ _MODULE_FACTS: dict[type, Callable[[Node, nn.Module, object], tuple | None]] = {
     **{cls: _activation_facts(act, cls.__name__) for cls, act in (
         (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.Sigmoid, "sigmoid"),
         (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"))},
+}
+# Likewise the sum and product of two tensors as symbolic tracing writes them (``a + b``, ``a * b``).
+_FUNCTION_FACTS: dict[Callable, Callable[[Node, object], tuple | None]] = {
+    operator.add: _binary_function_facts("add", "add"),
+    operator.mul: _binary_function_facts("mul", "mul"),
 }
 
 

@@ -175,12 +175,30 @@ def test_cached_node_facts_follow_new_shapes():
     assert (first["h"], again["h"]) == (64, 96) and again["ho"] == 48
 
 
-@pytest.mark.parametrize("model", [resnet18, mobilenet_v3_small, efficientnet_b0])
+class _SumsAndProducts(nn.Module):
+    """Sums and products the function shortcuts must decline (constants, sizes) or take (tensors, broadcasts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = y.mean((2, 3), keepdim=True)
+        y = y * gate + y                    # a broadcast product, a same-shape sum
+        y = y * 0.5 + 1.0                   # tensor and constant
+        return y.flatten(1)[:, : x.size(1) * 2 + 1]    # size arithmetic
+
+
+@pytest.mark.parametrize("model", [resnet18, mobilenet_v3_small, efficientnet_b0, _SumsAndProducts])
 def test_modules_read_directly_agree_with_the_general_way(model):
-    """Kernel grouping reads the commonest modules (Conv2d, BatchNorm2d, activations, global pools)
-    directly; what it reads must equal what op_kind and the op views say of the same nodes."""
+    """Kernel grouping reads the commonest modules (Conv2d, BatchNorm2d, activations, global pools) and
+    tensor sums and products directly; what it reads must equal what op_kind and the op views say of
+    the same nodes."""
+    import operator
+
     from hant.cost_models.base import target_name
-    from hant.cost_models.learned.kernels import _MODULE_FACTS, _describe, node_facts
+    from hant.cost_models.learned.kernels import _FUNCTION_FACTS, _MODULE_FACTS, _describe, node_facts
     from hant.graphs.ops import module_of, op_kind
 
     gm = _trace(model(), 64)
@@ -189,10 +207,18 @@ def test_modules_read_directly_agree_with_the_general_way(model):
         module = module_of(node)
         if module is not None and type(module) in _MODULE_FACTS:
             read_directly.add(type(module))
+        if node.op == "call_function" and node.target in _FUNCTION_FACTS:
+            read_directly.add(node.target)
         kind = op_kind(node)
         assert node_facts(node) == (_describe(node, kind), kind, target_name(node)), node.name
-    assert {nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d} <= read_directly
-    assert read_directly & {nn.ReLU, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid}
+    assert nn.Conv2d in read_directly
+    if model is not _SumsAndProducts:
+        assert {nn.BatchNorm2d, nn.AdaptiveAvgPool2d} <= read_directly
+        assert read_directly & {nn.ReLU, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid}
+    if model in (resnet18, _SumsAndProducts):
+        assert operator.add in read_directly
+    if model in (mobilenet_v3_small, efficientnet_b0, _SumsAndProducts):
+        assert operator.mul in read_directly
 
 
 def test_node_facts_follow_rewired_arguments():
