@@ -17,7 +17,7 @@ graphs: independent timings per graph, default 1, see below).
   at once (``total="graph"``, the default) or the sum of the rows (``total="nodes"``). The
   notes give both, so the gap between them (what the runtime fuses) is visible.
 * ``relative_latency(gm, reference)``: ``gm``'s steady-state time per call over ``reference``'s,
-  the two timed in alternating blocks (a ratio that holds while the machine's speed drifts; not stored).
+  the two timed in alternating rounds (a ratio that holds while the machine's speed drifts; not stored).
   Operator substitution prices its students this way, against the teacher.
 
 Every measurement goes to the store, keyed by signature and the runtime's key (name, version,
@@ -412,35 +412,36 @@ class MeasuredModel(NodeSumCostModel):
         return found.latency_s
 
     def relative_latency(self, gm: GraphModule, reference: GraphModule, rounds: int = 200,
-                         time_cap_s: float = 3.0, block_s: float = 0.002) -> float:
-        """``gm``'s steady-state time per call over ``reference``'s, the two timed in alternating blocks
-        on this runtime (A B A B ..., after a warm-up of each): the median of the per-round ratios (not
-        stored).
+                         time_cap_s: float = 3.0, calls: int = 5) -> float:
+        """``gm``'s steady-state time per call over ``reference``'s: the median of ``gm``'s single-call
+        times over the median of ``reference``'s, the two timed in alternating rounds on this runtime
+        (A B A B ..., after a warm-up of each). Not stored.
 
-        Each block is one untimed call, which pays for switching from the other graph (caches, the
-        allocator), then back-to-back calls for about ``block_s`` seconds: the per-call time of a graph
-        run again and again, which is what the store's timings of ops and graphs measure too. Both
-        graphs see the same machine state in every round, so the ratio holds however the machine's speed
-        drifts while, or between, graphs are priced. Stops after ``rounds`` rounds or ``time_cap_s``
-        seconds (at least 10 rounds). Both graphs need the same input shapes.
+        In every round each graph gets one untimed call, which pays for switching from the other
+        graph (caches, the allocator), then ``calls`` back-to-back calls timed one by one: the time of a
+        graph run again and again, as the store's timings of ops and graphs measure it, with a call
+        slowed by an interrupt an outlier of the median rather than part of the price (such delays
+        are a larger share of a small graph's time, so block means would overprice it relative to a
+        large one). Both graphs are sampled across the same stretch of time, so the ratio holds however
+        the machine's speed drifts while, or between, graphs are priced. Stops after ``rounds`` rounds
+        or ``time_cap_s`` seconds (at least 10 rounds). Both graphs need the same input shapes.
         """
         module, inputs = _runnable(gm)
         other, other_inputs = _runnable(reference)
         if [tuple(t.shape) for t in inputs] != [tuple(t.shape) for t in other_inputs]:
             raise CostModelError("relative_latency needs two graphs with the same input shapes")
-        blocks = []
-        for block in (self.runtime.block(module, inputs), self.runtime.block(other, inputs)):
-            first = min(block(1) for _ in range(5))
-            blocks.append((block, max(1, round(block_s / max(first, 1e-9)))))
-
-        def steady(block, number: int) -> float:
-            block(1)
-            return block(number)
-        (timed, number), (reference_timed, reference_number) = blocks
-        ratios, start = [], time.perf_counter()
-        while len(ratios) < rounds and (len(ratios) < 10 or time.perf_counter() - start < time_cap_s):
-            ratios.append(steady(timed, number) / steady(reference_timed, reference_number))
-        return float(statistics.median(ratios))
+        timed, reference_timed = self.runtime.block(module, inputs), self.runtime.block(other, inputs)
+        for _ in range(5):
+            timed(1)
+            reference_timed(1)
+        samples, reference_samples = [], []
+        start, done = time.perf_counter(), 0
+        while done < rounds and (done < 10 or time.perf_counter() - start < time_cap_s):
+            for block, into in ((timed, samples), (reference_timed, reference_samples)):
+                block(1)
+                into.extend(block(1) for _ in range(calls))
+            done += 1
+        return float(statistics.median(samples) / statistics.median(reference_samples))
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
         """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""

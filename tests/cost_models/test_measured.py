@@ -210,8 +210,8 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
     real = model.relative_latency(large, small, rounds=20)
     assert real > 0 and real == real and real != float("inf")
 
-    # the arithmetic, on a runtime whose blocks take a known time: layers x 1 ms, and the machine
-    # slows down 1 % per block (the ratio must not see the drift, A and B alternate)
+    # the arithmetic, on a runtime whose calls take a known time: layers x 1 ms, every 7th call of
+    # either graph slowed 10x by an "interrupt" (an outlier: the medians must not see it)
     calls = []
 
     def block(module, inputs):
@@ -219,13 +219,12 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
 
         def timed(number):
             calls.append((layers, number))
-            return layers * 1e-3 * 1.01 ** len(calls)
+            return layers * 1e-3 * (10 if len(calls) % 7 == 0 else 1)
         return timed
     model.runtime.block = block
-    ratio = model.relative_latency(large, small, rounds=30, block_s=0.032)
-    # each round: A's untimed call, A's block, B's untimed call, B's block (timed two blocks after A's)
-    assert ratio == pytest.approx(16 / 1.01 ** 2, rel=1e-9)
-    # blocks of about 32 ms each: 2 calls of the 16 ms graph, 30 of the 1 ms one
-    assert calls[-120:] == [(16, 1), (16, 2), (1, 1), (1, 30)] * 30
+    ratio = model.relative_latency(large, small, rounds=30, calls=5)
+    assert ratio == pytest.approx(16.0, rel=1e-12)
+    # every call timed alone; each round: one untimed and five timed calls of A, then of B
+    assert calls[-360:] == ([(16, 1)] * 6 + [(1, 1)] * 6) * 30
     with pytest.raises(hant.CostModelError, match="same input shapes"):
         model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))
