@@ -2,8 +2,9 @@
 
 Writes ``benchmarks/results/substitute.md`` (and a Pareto PNG per teacher):
 * per teacher, the Pareto table over budgets, for each ILP score (distillation loss and
-  LANA replace-one): predicted latency (the cost model's sum of site prices), measured
-  onnxruntime latency of the student (batch 1, interleaved with the teacher, medians),
+  LANA replace-one): predicted latency (the cost model's price of the whole student, and the
+  sum of site prices beside it), measured onnxruntime latency of the student (batch 1, steady
+  state: each round one untimed then 5 timed calls of every network, teacher included; medians),
   test accuracy before and after fine-tuning every student with KD, speedup;
 * the integer-program timing: 100 sites x 200 candidates, median of several solves.
 
