@@ -259,10 +259,10 @@ def _better(best: BudgetSolution | None, found: BudgetSolution) -> BudgetSolutio
     return best
 
 
-def _meets(extra: Sequence, picked: Sequence[int]) -> bool:
-    """Whether the choice of option ``picked[s]`` at every site ``s`` meets every extra constraint."""
+def _meets(extra: Sequence, indices: Sequence[int]) -> bool:
+    """Whether choosing option ``indices[s]`` at every site ``s`` meets every extra constraint."""
     for constraint in extra:
-        total = sum(float(v[k]) for v, k in zip(constraint.values, picked))
+        total = sum(float(v[k]) for v, k in zip(constraint.values, indices))
         slack = 1e-9 * max(1.0, abs(total))
         if not constraint.lower - slack <= total <= constraint.upper + slack:
             return False
@@ -344,11 +344,11 @@ class SubstituteResult:
             if whole > limit * (1 + 1e-9) or key in seen:
                 continue
             choice = dict(key)
-            picked = [cs.index(choice[n]) for n, cs in zip(names, cands)]
-            if _meets(extra, picked):
-                earlier = BudgetSolution(budget, choice, whole, sum(v[k] for v, k in zip(scores, picked)),
+            indices = [cs.index(choice[n]) for n, cs in zip(names, cands)]
+            if _meets(extra, indices):
+                earlier = BudgetSolution(budget, choice, whole, sum(v[k] for v, k in zip(scores, indices)),
                                          score_kind=kind, rounds=rounds, sites_latency_s=self.fixed_latency_s + sum(
-                                             t[k] for t, k in zip(latencies, picked)))
+                                             t[k] for t, k in zip(latencies, indices)))
                 best = _better(best, earlier)
         if best is None:
             raise failure

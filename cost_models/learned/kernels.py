@@ -235,6 +235,7 @@ def _global_pool_facts(node: Node, module: nn.AdaptiveAvgPool2d, meta) -> tuple 
 
 
 def _binary_function_facts(kind: str, name: str) -> Callable:
+    """Node facts of ``a + b`` / ``a * b`` (``kind``) of two tensors with shapes, else None."""
     def facts(node: Node, meta) -> tuple | None:
         shape = getattr(meta, "shape", None)
         if shape is None or len(node.args) != 2 or node.kwargs:
