@@ -7,6 +7,9 @@ cost model, in interleaved rounds (model A, B, C, A, B, C, ...):
 * first call: ``graph_cost`` on a fresh deep copy of the traced graph (new Node objects, so
   no per-node cache has seen them; the code paths are warm), as a user pricing a network
   once would see it; each copy is made just before its call (untimed) and dropped after;
+* never-seen network (kernel predictor only): the same after :func:`forget_kernels`, so no
+  kernel configuration or feature row is shared with an earlier graph either (a copy of a
+  network priced before shares them: passes that price many variants of one network do);
 * repeated: ``graph_cost`` on the same graph again (what ranking passes do).
 
 Both are reported as medians and minima of the rounds, wall clock and this thread's CPU
@@ -37,7 +40,7 @@ from tabulate import tabulate
 import hant
 from hant.cost_models import get
 from hant.cost_models.learned.kernel_model import KernelCostModel, train_kernels
-from hant.cost_models.learned.kernels import kernel_macs, sampled_kernels
+from hant.cost_models.learned.kernels import forget_kernels, kernel_macs, sampled_kernels
 
 GRAPHS = ("efficientnet_b7", "efficientnet_v2_l")
 
@@ -78,23 +81,32 @@ def main(argv=None) -> int:
             model.graph_cost(base)
         first = {label: [] for label in models}
         repeated = {label: [] for label in models}
+        cold = []
         for _ in range(args.rounds):
             for label, model in models.items():
                 fresh = copy.deepcopy(base)    # made untimed, one at a time (15 copies of a 118M-parameter
                 gc.collect()                   # network held at once slow every call down by paging)
                 first[label].append(time_call(lambda: model.graph_cost(fresh)))
                 repeated[label].append(time_call(lambda: model.graph_cost(base)))
+                if model is kernel:            # a network never seen: no shared kernel configuration either
+                    fresh = copy.deepcopy(base)
+                    gc.collect()
+                    forget_kernels()
+                    cold.append(time_call(lambda: model.graph_cost(fresh)))
                 del fresh
         for label in models:
             f_wall, f_cpu = zip(*first[label])
             r_wall, r_cpu = zip(*repeated[label])
+            c_cpu = [c for _, c in cold] if label == "learned kernel" else None
             rows.append([name, len(base.graph.nodes), label,
                          f"{statistics.median(f_cpu):.1f} / {min(f_cpu):.1f}",
                          f"{statistics.median(f_wall):.1f}",
+                         f"{statistics.median(c_cpu):.1f} / {min(c_cpu):.1f}" if c_cpu else "-",
                          f"{statistics.median(r_cpu):.1f} / {min(r_cpu):.1f}",
                          f"{statistics.median(r_wall):.1f}"])
     headers = ["graph", "nodes", "model", "first call CPU ms (median / min)", "first call wall ms (median)",
-               "repeated CPU ms (median / min)", "repeated wall ms (median)"]
+               "never-seen network CPU ms (median / min)", "repeated CPU ms (median / min)",
+               "repeated wall ms (median)"]
     table = tabulate(rows, headers, tablefmt="github")
     text = "\n".join([
         "# graph_cost speed on ~1,000-node graphs", "",
@@ -102,7 +114,9 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} logical CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores, shared).", "",
         f"{args.rounds} interleaved rounds per graph; each round prices, with every model, a fresh deep copy "
-        f"(first call; made untimed just before) and the same graph again (repeated). Kernel predictor: {origin}.",
+        f"(first call; made untimed just before) and the same graph again (repeated); for the kernel predictor, "
+        f"also a fresh copy after forgetting every shared kernel configuration and feature row (never-seen "
+        f"network). Kernel predictor: {origin}.",
         "",
         table, ""])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -55,7 +55,7 @@ __all__ = ["KERNEL_TYPES", "KERNEL_ACTIVATIONS", "KERNEL_FEATURES", "KERNEL_TIMI
            "kernels_and_facts", "kernel_extras", "Reorder", "layout_reorders", "conv_runs_blocked",
            "isolation_nodes", "NCHWC_BLOCK", "KernelNetwork", "kernel_network", "kernel_row", "kernel_rows",
            "node_facts", "sample_kernel", "sampled_kernels", "build_kernel", "kernel_signature", "kernel_macs",
-           "kernel_bytes", "profile_kernels"]
+           "kernel_bytes", "profile_kernels", "forget_kernels"]
 
 KERNEL_TYPES = ("conv", "linear", "pool_max", "pool_avg", "pool_global", "add", "mul", "act", "bn", "cat", "copy",
                 "split")
@@ -646,6 +646,14 @@ def _cached(config: dict) -> tuple[dict, np.ndarray, tuple[float, float, float],
         hit = _ROW_CACHE[id(config)] = (config, kernel_row(config), (float(count), float(elements), float(w_b)),
                                         (kernel_macs(config), in_b, out_b, w_b))
     return hit
+
+
+def forget_kernels() -> None:
+    """Drop the shared kernel configurations and their cached feature rows (node facts live on with
+    their nodes): the next pricing of any graph starts as on a network never seen, as a benchmark of
+    a cold first call needs."""
+    _CONFIGS.clear()
+    _ROW_CACHE.clear()
 
 
 def kernel_work(config: dict) -> tuple[int, int, int, int]:

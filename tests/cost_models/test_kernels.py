@@ -221,6 +221,18 @@ def test_modules_read_directly_agree_with_the_general_way(model):
         assert operator.mul in read_directly
 
 
+def test_forgetting_kernels_gives_equal_configurations_and_rows_anew():
+    from hant.cost_models.learned.kernels import forget_kernels
+
+    first = extract_kernels(_trace(resnet18(), 64))
+    rows = kernel_rows([k.config for k in first])
+    forget_kernels()
+    again = extract_kernels(_trace(resnet18(), 64))
+    assert [k.config for k in again] == [k.config for k in first]
+    assert all(a.config is not b.config for a, b in zip(again, first))      # not the interned objects
+    assert np.array_equal(kernel_rows([k.config for k in again]), rows)
+
+
 def test_node_facts_follow_rewired_arguments():
     gm = _trace(resnet18(), 64)
     conv = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
