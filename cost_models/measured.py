@@ -34,7 +34,8 @@ import hashlib
 import inspect
 import statistics
 import time
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -61,6 +62,7 @@ FREE_KINDS = frozenset({"identity"}) | COMPUTE_SKIP_KINDS
 # Kinds rebuilt from their op view; anything else measurable is copied as a one-node graph.
 VIEW_KINDS = ("conv", "linear", "batchnorm", "layernorm", "activation", "add", "mul", "pool", "matmul")
 
+KEPT_RUNNERS = 4          # graphs whose runners relative_latency keeps (an ONNX session each)
 OP_TIMING = TimingConfig(time_cap_s=0.3)
 GRAPH_TIMING = TimingConfig(time_cap_s=2.0)
 
@@ -366,6 +368,9 @@ class MeasuredModel(NodeSumCostModel):
         self.op_timing, self.graph_timing = op_timing, graph_timing
         self.key = self.runtime.key
         self._counts = FlopsModel()
+        # structural hash -> runner on this runtime, the last few graphs relative_latency timed: a reference
+        # priced against many graphs (the teacher against every student) is exported and loaded once
+        self._runners: OrderedDict[str, Callable[[int], float]] = OrderedDict()
 
     def op_latency(self, node: Node) -> tuple[float, str | None]:
         """Seconds for the node's op alone, and a note when it is priced 0 because it cannot be isolated.
@@ -426,11 +431,10 @@ class MeasuredModel(NodeSumCostModel):
         the machine's speed drifts while, or between, graphs are priced. Stops after ``rounds`` rounds
         or ``time_cap_s`` seconds (at least 10 rounds). Both graphs need the same input shapes.
         """
-        module, inputs = _runnable(gm)
-        other, other_inputs = _runnable(reference)
-        if [tuple(t.shape) for t in inputs] != [tuple(t.shape) for t in other_inputs]:
+        shapes = [_shape(n) for n in gm.graph.find_nodes(op="placeholder")]
+        if shapes != [_shape(n) for n in reference.graph.find_nodes(op="placeholder")]:
             raise CostModelError("relative_latency needs two graphs with the same input shapes")
-        timed, reference_timed = self.runtime.block(module, inputs), self.runtime.block(other, inputs)
+        timed, reference_timed = self._runner(gm), self._runner(reference)
         for _ in range(5):
             timed(1)
             reference_timed(1)
@@ -442,6 +446,20 @@ class MeasuredModel(NodeSumCostModel):
                 into.extend(block(1) for _ in range(calls))
             done += 1
         return float(statistics.median(samples) / statistics.median(reference_samples))
+
+    def _runner(self, gm: GraphModule) -> Callable[[int], float]:
+        """``gm``'s runner on this runtime (``f(number) -> seconds per call``), reused for a graph of the
+        same structure (:func:`graph_key`: weights do not change a timing) among the last
+        :data:`KEPT_RUNNERS` timed."""
+        key = graph_key(gm)
+        runner = self._runners.pop(key, None)
+        if runner is None:
+            module, inputs = _runnable(gm)
+            runner = self.runtime.block(module, inputs)
+        self._runners[key] = runner
+        while len(self._runners) > KEPT_RUNNERS:
+            self._runners.popitem(last=False)
+        return runner
 
     def measure_module(self, module: nn.Module, inputs: tuple, config: TimingConfig | None = None) -> Timing:
         """Time ``module(*inputs)`` whole on this model's runtime (not stored)."""

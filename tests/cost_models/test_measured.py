@@ -212,19 +212,25 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
 
     # the arithmetic, on a runtime whose calls take a known time: layers x 1 ms, every 7th call of
     # either graph slowed 10x by an "interrupt" (an outlier: the medians must not see it)
-    calls = []
+    calls, built = [], []
 
     def block(module, inputs):
         layers = len([m for m in module.modules() if isinstance(m, nn.Linear)])
+        built.append(layers)
 
         def timed(number):
             calls.append((layers, number))
             return layers * 1e-3 * (10 if len(calls) % 7 == 0 else 1)
         return timed
+    model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "t.db")
     model.runtime.block = block
     ratio = model.relative_latency(large, small, rounds=30, calls=5)
     assert ratio == pytest.approx(16.0, rel=1e-12)
     # every call timed alone; each round: one untimed and five timed calls of A, then of B
     assert calls[-360:] == ([(16, 1)] * 6 + [(1, 1)] * 6) * 30
+    # a reference priced against another graph is not built again; a graph of another structure is
+    medium = hant.trace(nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).eval(), x)
+    assert model.relative_latency(medium, small, rounds=10) == pytest.approx(4.0, rel=1e-12)
+    assert built == [16, 1, 4]
     with pytest.raises(hant.CostModelError, match="same input shapes"):
         model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))
