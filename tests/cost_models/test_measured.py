@@ -234,3 +234,62 @@ def test_relative_latency_compares_two_graphs_timed_in_alternation(tmp_path):
     assert built == [16, 1, 4]
     with pytest.raises(hant.CostModelError, match="same input shapes"):
         model.relative_latency(small, hant.trace(nn.Sequential(nn.Linear(128, 256)).eval(), torch.randn(1, 128)))
+
+
+def test_relative_latency_is_the_uncontended_ratio_whatever_the_share_of_busy_rounds(tmp_path):
+    """On a shared machine a busy phase slows a small graph far more than a large one. The price must be
+    the ratio of the graphs themselves (fastest calls), not move with how many rounds fell in busy phases."""
+    x = torch.randn(1, 64)
+    small = hant.trace(nn.Sequential(nn.Linear(64, 64)).eval(), x)
+    large = hant.trace(nn.Sequential(*[nn.Linear(64, 64) for _ in range(10)]).eval(), x)
+    for busy_share in (0.0, 0.3, 0.7):
+        round_of = []
+
+        def block(module, inputs):
+            layers = len([m for m in module.modules() if isinstance(m, nn.Linear)])
+
+            def timed(number):
+                round_of.append(None)
+                rounds_done = len(round_of) // 12          # 6 calls of each graph per round
+                busy = (rounds_done * 0.37) % 1.0 < busy_share
+                return layers * 1e-4 * ((1.5 if layers == 1 else 1.1) if busy else 1.0)
+            return timed
+        model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "t.db")
+        model.runtime.block = block
+        assert model.relative_latency(small, large, rounds=40, calls=5) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_relative_latency_times_a_window_again_when_the_reference_ran_slower_than_before(tmp_path):
+    """A window contended throughout (no call ran alone on the core) shows as a reference slower than its
+    fastest call in earlier windows; it is timed again, and the ratio comes from the reference's fastest window."""
+    x = torch.randn(1, 64)
+    small = hant.trace(nn.Sequential(nn.Linear(64, 64)).eval(), x)
+    medium = hant.trace(nn.Sequential(*[nn.Linear(64, 64) for _ in range(2)]).eval(), x)
+    large = hant.trace(nn.Sequential(*[nn.Linear(64, 64) for _ in range(10)]).eval(), x)
+    busy_calls = [10 + 12 * 10]        # warm-up, then one window of 10 rounds of 12 calls: contended
+    calls = []
+
+    def block(module, inputs):
+        layers = len([m for m in module.modules() if isinstance(m, nn.Linear)])
+
+        def timed(number):
+            calls.append(layers)
+            busy = len(calls) <= busy_calls[0]
+            return layers * 1e-4 * ((1.5 if layers < 10 else 1.1) if busy else 1.0)
+        return timed
+    model = MeasuredModel("cpu", "torch", threads=1, store=tmp_path / "t.db")
+    model.runtime.block = block
+    # a new reference: its first window is contended, the second is not and is kept
+    assert model.relative_latency(small, large, rounds=10, time_cap_s=0.0) == pytest.approx(0.1, rel=1e-12)
+    assert len(calls) == 10 + 2 * 120
+    # a known reference in a quiet window: one window
+    calls.clear()
+    busy_calls[0] = 0
+    assert model.relative_latency(medium, large, rounds=10, time_cap_s=0.0) == pytest.approx(0.2, rel=1e-12)
+    assert len(calls) == 10 + 120
+    # contended throughout: every try is timed, and the price is the contended ratio, no better
+    calls.clear()
+    busy_calls[0] = 10 ** 9
+    assert model.relative_latency(small, large, rounds=10, time_cap_s=0.0, tries=3) == pytest.approx(
+        1.5 / 11, rel=1e-12)
+    assert len(calls) == 10 + 3 * 120
