@@ -86,6 +86,44 @@ class CostReport:
         """A copy whose total latency is a whole-graph measurement."""
         return CostReport(self.model, list(self.rows), replace(self.total, latency_s=latency_s), list(self.notes))
 
+    @staticmethod
+    def deferred(model: str, make_rows: Callable[[], list[CostRow]], total: Cost,
+                 notes: Iterable[str] = ()) -> "CostReport":
+        """A report whose rows ``make_rows()`` builds when they are first read: a model that prices a
+        graph whole has its total before its per-node breakdown, and ranking passes read only totals.
+        ``make_rows`` must read only what was fixed when the report was made (never the graph itself,
+        which may be edited afterwards)."""
+        return _DeferredRowsReport(model, None, total, list(notes), make_rows=make_rows)
+
+
+class _DeferredRowsReport(CostReport):
+    """A :class:`CostReport` whose rows are built on first read (:meth:`CostReport.deferred`); it compares,
+    copies and pickles as the plain report of the same rows."""
+
+    def __init__(self, model: str, rows: list[CostRow] | None = None, total: Cost | None = None,
+                 notes: list[str] | None = None, *, make_rows: Callable[[], list[CostRow]] | None = None):
+        super().__init__(model, rows if rows is not None else [], total if total is not None else Cost(),
+                         notes if notes is not None else [])
+        self._make_rows = make_rows if rows is None else None
+
+    @property
+    def rows(self) -> list[CostRow]:
+        if self._make_rows is not None:
+            self._rows, self._make_rows = self._make_rows(), None
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: list[CostRow]) -> None:
+        self._rows, self._make_rows = value, None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CostReport):
+            return NotImplemented
+        return (self.model, self.rows, self.total, self.notes) == (other.model, other.rows, other.total, other.notes)
+
+    def __reduce__(self):
+        return CostReport, (self.model, self.rows, self.total, self.notes)
+
 
 @runtime_checkable
 class CostModel(Protocol):

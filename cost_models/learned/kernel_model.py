@@ -30,9 +30,9 @@ shared machine the median of a short run includes waiting for a core, the minimu
 
 :class:`KernelPredictor` is saved in the same predictor-file format as the other learned
 models (``kind: "kernel"``) and loads as ``learned:PATH``; :class:`KernelCostModel` is the cost
-model. Its ``graph_cost`` is one pass over the graph (per-node facts cached on the nodes), one
-batched MLP call for all kernels, and rows that carry each kernel's latency, MACs and bytes on
-its first node (the kernel's other nodes get 0).
+model. Its ``graph_cost`` is one pass over the graph (per-node facts cached on the nodes) and one
+batched MLP call for all kernels; the report's rows, built when first read, carry each kernel's
+latency, MACs and bytes on its first node (the kernel's other nodes get 0).
 """
 
 from __future__ import annotations
@@ -363,32 +363,35 @@ class KernelCostModel(GraphPricedModel):
         at: dict[str, float] = {}
         for r, t in zip(reorders, reorder_s):
             at[r.at] = at.get(r.at, 0.0) + float(t)
-        rows = []
-        empty = Cost()
         macs = read = written = params = 0
-        for node in gm.graph.nodes:
-            if node.op in _SKIP:
-                continue
-            name = node.name
-            hit = by_anchor.get(name)
-            extra = at.get(name, 0.0)
-            if hit is None:
-                cost = Cost(extra) if extra else empty
-            else:
-                kernel, latency = hit
-                counted_macs, in_b, out_b, w_b = kernel_work(kernel.config)
-                cost = Cost(float(latency) + extra, counted_macs, 4 * (in_b + w_b), 4 * out_b, w_b)
-                macs, read, written, params = (macs + counted_macs, read + cost.bytes_read,
-                                               written + cost.bytes_written, params + w_b)
-            _, kind, target = facts[node]
-            shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-            rows.append(CostRow(name, kind, target, (), tuple(shape) if shape is not None else None, cost))
+        for config in configs:
+            counted_macs, in_b, out_b, w_b = kernel_work(config)
+            macs, read, written, params = macs + counted_macs, read + in_b + w_b, written + out_b, params + w_b
+        # what the rows need, fixed now: the graph may change before they are read
+        nodes = [(node.name, facts[node], node.meta.get("tensor_meta")) for node in gm.graph.nodes
+                 if node.op not in _SKIP]
+
+        def make_rows() -> list[CostRow]:
+            rows = []
+            empty = Cost()
+            for name, (_, kind, target), meta in nodes:
+                hit = by_anchor.get(name)
+                extra = at.get(name, 0.0)
+                if hit is None:
+                    cost = Cost(extra) if extra else empty
+                else:
+                    kernel, latency = hit
+                    counted_macs, in_b, out_b, w_b = kernel_work(kernel.config)
+                    cost = Cost(float(latency) + extra, counted_macs, 4 * (in_b + w_b), 4 * out_b, w_b)
+                shape = getattr(meta, "shape", None)
+                rows.append(CostRow(name, kind, target, (), tuple(shape) if shape is not None else None, cost))
+            return rows
         network = KernelNetwork(tuple(configs), tuple((r.to_blocked, r.elements) for r in reorders))
         total = self.predictor.network_seconds(seconds, network)
         rows_s = float(shares.sum() + reorder_s.sum())
         notes = [f"predicted by a kernel predictor: {len(kernels)} kernels and {len(reorders)} layout reorders "
                  f"({reorder_s.sum() * 1e3:.4g} ms); the total includes {(total - rows_s) * 1e3:.4g} ms of "
                  "per-network overhead"]
-        return CostReport(self.name, rows, Cost(total, macs, read, written, params), notes)
+        return CostReport.deferred(self.name, make_rows, Cost(total, macs, 4 * read, 4 * written, params), notes)
 
 

@@ -1,5 +1,7 @@
 """Kernel-level predictor: kernel grouping, kernel modules, timing into a store, fit/calibrate/predict."""
 
+import copy
+import pickle
 import random
 
 import numpy as np
@@ -10,6 +12,7 @@ from torchvision.models import efficientnet_b0, mobilenet_v3_small, resnet18, sh
 
 import hant
 from hant.cost_models import get
+from hant.cost_models.base import CostReport
 from hant.cost_models.learned import FEATURE_NAMES, featurize
 from hant.cost_models.learned.kernel_model import (
     CALIBRATION_TERMS, KernelCostModel, KernelPredictor, select_terms, train_kernels,
@@ -369,6 +372,31 @@ def test_learned_kernel_file_round_trip_and_node_order(predictor, tmp_path):
     first, second = hant.trace(TwoBranches(False).eval(), x), hant.trace(TwoBranches(True).eval(), x)
     assert [n.name for n in first.graph.nodes] != [n.name for n in second.graph.nodes]
     assert model.graph_cost(first).latency_s == pytest.approx(model.graph_cost(second).latency_s, rel=1e-6)
+
+
+def test_kernel_report_rows_are_those_of_the_graph_when_priced(predictor):
+    """The rows are built on first read, from what the graph was when it was priced; the report compares,
+    copies and pickles as a plain report of the same rows, and its total counts are the rows' sums."""
+    model = KernelCostModel(predictor)
+    gm = _trace(resnet18())
+    report = model.graph_cost(gm)
+    eager = [(n.name, n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+             if n.op not in ("placeholder", "output", "get_attr")]
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    relu.replace_all_uses_with(relu.args[0])            # edited after pricing, before the rows are read
+    gm.graph.erase_node(relu)
+    gm.recompile()
+    rows = report.rows
+    assert [(r.node, r.output_shape) for r in rows] == [(name, tuple(shape)) for name, shape in eager]
+    assert report.rows is rows
+    for field in ("macs", "bytes_read", "bytes_written", "params"):
+        assert getattr(report.total, field) == sum(getattr(r.cost, field) for r in rows) > 0
+    plain = CostReport(report.model, list(rows), report.total, list(report.notes))
+    assert report == plain and plain == report
+    assert type(pickle.loads(pickle.dumps(report))) is CostReport and pickle.loads(pickle.dumps(report)) == plain
+    assert type(copy.copy(report)) is CostReport and copy.copy(report) == plain
+    # priced again, the edited graph has no row for the erased node
+    assert [r.node for r in model.graph_cost(gm).rows] == [r.node for r in rows if r.node != "relu"]
 
 
 def test_kernel_file_with_other_features_raises(predictor, tmp_path):
