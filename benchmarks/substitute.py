@@ -105,30 +105,35 @@ def score_agreement(result, evaluate, teacher_acc: float) -> str:
 def _row(label: str, s, timing: "Timing", teacher_predicted_s: float, teacher_acc: float) -> str:
     """One Pareto row. The prediction is the cost model's price of the whole student; the integer program's
     additive figure (rest of the teacher + chosen site prices) is shown beside it. Each prediction is
-    given over the measured latency, and relative to the teacher: the predicted fraction of the teacher's time times the measured
-    speedup (fastest calls, same pass, median over passes), 1.00 when they agree; it does not move with
-    the machine's speed between pricing and timing."""
+    given over the measured latency, and relative to the teacher: the predicted fraction of the
+    teacher's time times the measured speedup (same pass, median over passes), 1.00 when they agree,
+    which does not move with the machine's speed between pricing and timing; by fastest calls (what
+    the cost model prices) and by medians."""
     before = "" if s.accuracy_before_finetune is None else f"{s.accuracy_before_finetune * 100:.2f}%"
 
-    def relative(predicted_s: float) -> str:
-        return f"{predicted_s / teacher_predicted_s * timing.speedup[0]:.2f}"
+    def relative(predicted_s: float, speedup: tuple[float, float, float]) -> str:
+        return f"{predicted_s / teacher_predicted_s * speedup[0]:.2f}"
 
     def spread(speedup: tuple[float, float, float]) -> str:
         return f"{speedup[0]:.2f}x ({speedup[1]:.2f}-{speedup[2]:.2f})"
-    return (f"| {label} | {s.budget:.2f} | {s.predicted_latency_s * 1e3:.3f}{'' if s.within_budget else ' (over)'} | "
-            f"{s.sites_latency_s * 1e3:.3f} | {s.measured_latency_s * 1e3:.3f} | "
-            f"{s.predicted_latency_s / s.measured_latency_s:.2f} | {relative(s.predicted_latency_s)} | "
-            f"{relative(s.sites_latency_s)} | {spread(timing.speedup)} | {spread(timing.median_speedup)} | {before} | "
+    predicted = s.predicted_latency_s
+    return (f"| {label} | {s.budget:.2f} | {predicted * 1e3:.3f}{'' if s.within_budget else ' (over)'} | "
+            f"{s.sites_latency_s * 1e3:.3f} | {timing.latency_s * 1e3:.3f} / {timing.median_s * 1e3:.3f} | "
+            f"{predicted / timing.latency_s:.2f} / {predicted / timing.median_s:.2f} | "
+            f"{relative(predicted, timing.speedup)} | {relative(predicted, timing.median_speedup)} | "
+            f"{relative(s.sites_latency_s, timing.speedup)} | {spread(timing.speedup)} | "
+            f"{spread(timing.median_speedup)} | {before} | "
             f"{s.accuracy * 100:.2f}% | {(teacher_acc - s.accuracy) * 100:+.2f} | "
             f"{sum(c != 'teacher' for c in s.choice.values())}/{len(s.choice)} |")
 
 
 @dataclass(frozen=True)
 class Timing:
-    """One network's timing passes: ``latency_s`` is the median over passes of its fastest call;
-    ``speedup`` and ``median_speedup`` are (median, least, greatest) over passes of the teacher's fastest
-    (median) call over this network's in the same pass."""
+    """One network's timing passes: ``latency_s`` (``median_s``) is the median over passes of its fastest
+    (median) call; ``speedup`` and ``median_speedup`` are (median, least, greatest) over passes of the
+    teacher's fastest (median) call over this network's in the same pass."""
     latency_s: float
+    median_s: float
     speedup: tuple[float, float, float]
     median_speedup: tuple[float, float, float]
 
@@ -152,7 +157,7 @@ def timing_passes(runners: dict, args) -> dict[str, Timing]:
 
     def over_passes(values: list[float]) -> tuple[float, float, float]:
         return statistics.median(values), min(values), max(values)
-    return {name: Timing(statistics.median(p[name][0] for p in passes),
+    return {name: Timing(statistics.median(p[name][0] for p in passes), statistics.median(p[name][1] for p in passes),
                          over_passes([p["teacher"][0] / p[name][0] for p in passes]),
                          over_passes([p["teacher"][1] / p[name][1] for p in passes]))
             for name in runners}
@@ -230,16 +235,18 @@ def bench_teacher(name: str, args, folder: str) -> tuple[str, list]:
                     title=f"digits {name}, {kind} score: onnxruntime, batch 1")
     t_s = timings["teacher"].latency_s
     lines = [f"### digits {name}", "",
-             f"teacher: {t_s * 1e3:.3f} ms measured, accuracy {teacher_acc * 100:.2f}%; {len(result.sites)} sites, "
+             f"teacher: {t_s * 1e3:.3f} ms measured (fastest call; median {timings['teacher'].median_s * 1e3:.3f} ms), "
+             f"accuracy {teacher_acc * 100:.2f}%; {len(result.sites)} sites, "
              f"{trained} candidates distilled after dominance pruning; search (pricing + distillation + "
              f"replace-one scores) {search_s:.0f} s, every budget solved with its students priced whole "
              f"{check_s:.0f} s, fine-tuning of {len(students)} distinct students "
              f"{finetune_s:.0f} s; cost model `{args.cost}`", "",
-             "| score | budget | predicted ms (whole student) | sum of sites ms | measured ms (fastest call) | "
-             "predicted/measured | predicted/measured, relative to the teacher | sum of sites, relative to the teacher | "
+             "| score | budget | predicted ms (whole student) | sum of sites ms | measured ms, fastest call / median | "
+             "predicted/measured, fastest / median | predicted/measured relative to the teacher, fastest calls | "
+             "same, medians | sum of sites, relative to the teacher (fastest calls) | "
              "speedup, fastest calls (range over passes) | speedup, medians (range over passes) | "
              "accuracy before fine-tune | accuracy | loss (pts) | sites replaced |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(kind, s, timings[label], result.teacher_latency_s, teacher_acc) for kind, s, label in rows]
     best = {}
     for limit in (1.0, 3.0):
