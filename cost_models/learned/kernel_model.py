@@ -367,14 +367,15 @@ class KernelCostModel(GraphPricedModel):
         for config in configs:
             counted_macs, in_b, out_b, w_b = kernel_work(config)
             macs, read, written, params = macs + counted_macs, read + in_b + w_b, written + out_b, params + w_b
-        # what the rows need, fixed now: the graph may change before they are read
-        nodes = [(node.name, facts[node], node.meta.get("tensor_meta")) for node in gm.graph.nodes
+        # what the rows need, fixed now (the graph may change before they are read) and naming no node (a
+        # report kept does not keep its graph alive)
+        nodes = [(node.name, facts[node][1:], node.meta.get("tensor_meta")) for node in gm.graph.nodes
                  if node.op not in _SKIP]
 
         def make_rows() -> list[CostRow]:
             rows = []
             empty = Cost()
-            for name, (_, kind, target), meta in nodes:
+            for name, (kind, target), meta in nodes:
                 hit = by_anchor.get(name)
                 extra = at.get(name, 0.0)
                 if hit is None:

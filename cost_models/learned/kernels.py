@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import operator
 import random
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -70,7 +69,9 @@ _ELEMENT_BYTES = 4                         # float32: the runtime every kernel i
 # ---------------------------------------------------------------- what one node is
 
 _FREE = ("free", None, ())
-_CACHE: "weakref.WeakKeyDictionary[Node, tuple]" = weakref.WeakKeyDictionary()
+# A node's facts are kept on the node itself, under this attribute: they name other nodes of its graph, so
+# a cache outside the graph would keep every graph it ever saw alive; on the node they go with the graph.
+_FACTS_ATTRIBUTE = "_hant_kernel_facts"
 
 
 def _numel(shape) -> int:
@@ -176,9 +177,10 @@ def _describe(node: Node, kind: str) -> tuple:
 
 def node_facts(node: Node) -> tuple[tuple, str, str]:
     """(:func:`_describe` of the node, its ``op_kind``, its readable target), cached on the node until
-    its target, arguments or shape metadata change (see :func:`_unchanged`)."""
+    its target, arguments or shape metadata change (see :func:`_unchanged`). The cache is an attribute
+    of the node (copies of a graph start without it) and is freed with it."""
     meta = node.meta.get("tensor_meta")
-    hit = _CACHE.get(node)
+    hit = node.__dict__.get(_FACTS_ATTRIBUTE)
     if hit is not None and _unchanged(hit[0], node, meta):
         return hit[1]
     facts = None
@@ -194,7 +196,9 @@ def node_facts(node: Node) -> tuple[tuple, str, str]:
 
         kind = op_kind(node)
         facts = (_describe(node, kind), kind, target_name(node))
-    _CACHE[node] = (_stamp_of(node, meta), facts)
+    # object.__setattr__: torch.fx's Node.__setattr__ re-files the node in its graph's lookup table on
+    # every assignment to an existing attribute, which this private cache does not concern
+    object.__setattr__(node, _FACTS_ATTRIBUTE, (_stamp_of(node, meta), facts))
     return facts
 
 

@@ -1,8 +1,10 @@
 """Kernel-level predictor: kernel grouping, kernel modules, timing into a store, fit/calibrate/predict."""
 
 import copy
+import gc
 import pickle
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -397,6 +399,17 @@ def test_kernel_report_rows_are_those_of_the_graph_when_priced(predictor):
     assert type(copy.copy(report)) is CostReport and copy.copy(report) == plain
     # priced again, the edited graph has no row for the erased node
     assert [r.node for r in model.graph_cost(gm).rows] == [r.node for r in rows if r.node != "relu"]
+
+
+def test_a_priced_graph_is_freed_with_its_last_reference_even_while_its_report_is_kept(predictor):
+    model = KernelCostModel(predictor)
+    gm = _trace(resnet18())
+    report = model.graph_cost(gm)
+    alive = weakref.ref(gm)
+    del gm
+    gc.collect()
+    assert alive() is None
+    assert len(report.rows) > 0 and report.latency_s > 0
 
 
 def test_kernel_file_with_other_features_raises(predictor, tmp_path):
