@@ -10,7 +10,10 @@ cost model, in interleaved rounds (model A, B, C, A, B, C, ...):
 * never-seen network (kernel predictor only): the same after :func:`forget_kernels`, so no
   kernel configuration or feature row is shared with an earlier graph either (a copy of a
   network priced before shares them: passes that price many variants of one network do);
-* repeated: ``graph_cost`` on the same graph again (what ranking passes do).
+* repeated: ``graph_cost`` on the same graph again (what ranking passes do);
+* rows read (kernel predictor only): a first call on a fresh copy and then reading its report's
+  per-node rows, which the kernel predictor builds only when they are read (``hant inspect``
+  reads them; passes that rank rewrites read only the total).
 
 Both are reported as medians and minima of the rounds, wall clock and this thread's CPU
 time (on a shared machine the wall clock includes waiting for a core).
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
             model.graph_cost(base)
         first = {label: [] for label in models}
         repeated = {label: [] for label in models}
-        cold = []
+        cold, with_rows = [], []
         for _ in range(args.rounds):
             for label, model in models.items():
                 fresh = copy.deepcopy(base)    # made untimed, one at a time (15 copies of a 118M-parameter
@@ -93,19 +96,25 @@ def main(argv=None) -> int:
                     gc.collect()
                     forget_kernels()
                     cold.append(time_call(lambda: model.graph_cost(fresh)))
+                    fresh = copy.deepcopy(base)
+                    gc.collect()
+                    with_rows.append(time_call(lambda: model.graph_cost(fresh).rows))
                 del fresh
         for label in models:
             f_wall, f_cpu = zip(*first[label])
             r_wall, r_cpu = zip(*repeated[label])
             c_cpu = [c for _, c in cold] if label == "learned kernel" else None
+            w_cpu = [c for _, c in with_rows] if label == "learned kernel" else None
             rows.append([name, len(base.graph.nodes), label,
                          f"{statistics.median(f_cpu):.1f} / {min(f_cpu):.1f}",
                          f"{statistics.median(f_wall):.1f}",
                          f"{statistics.median(c_cpu):.1f} / {min(c_cpu):.1f}" if c_cpu else "-",
+                         f"{statistics.median(w_cpu):.1f} / {min(w_cpu):.1f}" if w_cpu else "-",
                          f"{statistics.median(r_cpu):.1f} / {min(r_cpu):.1f}",
                          f"{statistics.median(r_wall):.1f}"])
     headers = ["graph", "nodes", "model", "first call CPU ms (median / min)", "first call wall ms (median)",
-               "never-seen network CPU ms (median / min)", "repeated CPU ms (median / min)",
+               "never-seen network CPU ms (median / min)", "first call, rows read CPU ms (median / min)",
+               "repeated CPU ms (median / min)",
                "repeated wall ms (median)"]
     table = tabulate(rows, headers, tablefmt="github")
     text = "\n".join([
@@ -116,7 +125,8 @@ def main(argv=None) -> int:
         f"{args.rounds} interleaved rounds per graph; each round prices, with every model, a fresh deep copy "
         f"(first call; made untimed just before) and the same graph again (repeated); for the kernel predictor, "
         f"also a fresh copy after forgetting every shared kernel configuration and feature row (never-seen "
-        f"network). Kernel predictor: {origin}.",
+        f"network), and a fresh copy whose report's per-node rows are read after the call (rows read). "
+        f"Kernel predictor: {origin}.",
         "",
         table, ""])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
