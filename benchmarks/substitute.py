@@ -102,7 +102,18 @@ def score_agreement(result, evaluate, teacher_acc: float) -> str:
     return "\n".join(lines)
 
 
-def _row(label: str, s, timing: "Timing", teacher_predicted_s: float, teacher_acc: float) -> str:
+@dataclass(frozen=True)
+class Timing:
+    """One network's timing passes: ``latency_s`` (``median_s``) is the median over passes of its fastest
+    (median) call; ``speedup`` and ``median_speedup`` are (median, least, greatest) over passes of the
+    teacher's fastest (median) call over this network's in the same pass."""
+    latency_s: float
+    median_s: float
+    speedup: tuple[float, float, float]
+    median_speedup: tuple[float, float, float]
+
+
+def _row(label: str, s, timing: Timing, teacher_predicted_s: float, teacher_acc: float) -> str:
     """One Pareto row. The prediction is the cost model's price of the whole student; the integer program's
     additive figure (rest of the teacher + chosen site prices) is shown beside it. Each prediction is
     given over the measured latency, and relative to the teacher: the predicted fraction of the
@@ -125,17 +136,6 @@ def _row(label: str, s, timing: "Timing", teacher_predicted_s: float, teacher_ac
             f"{spread(timing.median_speedup)} | {before} | "
             f"{s.accuracy * 100:.2f}% | {(teacher_acc - s.accuracy) * 100:+.2f} | "
             f"{sum(c != 'teacher' for c in s.choice.values())}/{len(s.choice)} |")
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One network's timing passes: ``latency_s`` (``median_s``) is the median over passes of its fastest
-    (median) call; ``speedup`` and ``median_speedup`` are (median, least, greatest) over passes of the
-    teacher's fastest (median) call over this network's in the same pass."""
-    latency_s: float
-    median_s: float
-    speedup: tuple[float, float, float]
-    median_speedup: tuple[float, float, float]
 
 
 def timing_passes(runners: dict, args) -> dict[str, Timing]:
