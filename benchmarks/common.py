@@ -48,9 +48,9 @@ def interleaved_rounds(functions: dict[str, Callable[[], object]], runs: int, wa
 
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], runs: int, warmup: int,
-                        calls_per_round: int = 1, settle_calls: int = 0) -> dict[str, float]:
+                        calls_per_round: int = 1) -> dict[str, float]:
     """Median wall seconds per call of each function, timed as :func:`interleaved_rounds` does."""
-    wall = interleaved_rounds(functions, runs, warmup, calls_per_round, settle_calls)["wall"]
+    wall = interleaved_rounds(functions, runs, warmup, calls_per_round)["wall"]
     return {name: statistics.median(t) for name, t in wall.items()}
 
 

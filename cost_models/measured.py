@@ -440,7 +440,8 @@ class MeasuredModel(NodeSumCostModel):
         shapes = [_shape(n) for n in gm.graph.find_nodes(op="placeholder")]
         if shapes != [_shape(n) for n in reference.graph.find_nodes(op="placeholder")]:
             raise CostModelError("relative_latency needs two graphs with the same input shapes")
-        timed, (reference_key, reference_timed) = self._runner(gm)[1], self._runner(reference)
+        _, timed = self._runner(gm)
+        reference_key, reference_timed = self._runner(reference)
         for _ in range(5):
             timed(1)
             reference_timed(1)
