@@ -240,9 +240,7 @@ def stage_diagnose(args) -> None:
     from tqdm.auto import tqdm
 
     from hant.cost_models.learned import load_predictor
-    from hant.cost_models.learned.kernels import (
-        build_kernel, kernel_bytes, kernel_rows, kernels_and_facts, layout_reorders,
-    )
+    from hant.cost_models.learned.kernels import build_kernel, kernel_bytes, kernel_rows, walk_kernels
     from hant.cost_models.learned.kernel_model import KernelCostModel
     from hant.cost_models.store import canonical_json
     from hant.cost_models.timing import export_onnx_bytes
@@ -255,8 +253,8 @@ def stage_diagnose(args) -> None:
     for name, gm in tqdm(graphs.items(), desc="diagnose", unit="net"):
         x = torch.randn(*INPUT)
         whole = profiled_run(export_onnx_bytes(gm, (x,)), [x.numpy()], args.threads, 60, folder)
-        kernels, facts = kernels_and_facts(gm)
-        reorders = layout_reorders(gm, kernels, facts)
+        walk = walk_kernels(gm)
+        kernels, reorders = walk.kernels, walk.reorders
         seconds = predictor.kernel_seconds(kernel_rows(k.config for k in kernels))
         alone_of: dict[str, dict] = {}
         alone = []
@@ -300,7 +298,7 @@ def reorder_check(graphs: dict, folder: str) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from hant.cost_models.learned.kernels import kernels_and_facts, layout_reorders
+    from hant.cost_models.learned.kernels import layout_reorders
     from hant.cost_models.timing import export_onnx_bytes
 
     counts = {}
@@ -311,8 +309,7 @@ def reorder_check(graphs: dict, folder: str) -> dict:
         options.log_severity_level = 3
         ort.InferenceSession(export_onnx_bytes(gm, (torch.randn(*INPUT),)), options, providers=["CPUExecutionProvider"])
         ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-        kernels, facts = kernels_and_facts(gm)
-        ours = layout_reorders(gm, kernels, facts)
+        ours = layout_reorders(gm)
         counts[name] = [ops.count("ReorderInput"), ops.count("ReorderOutput"), sum(r.to_blocked for r in ours),
                         sum(not r.to_blocked for r in ours)]
     return counts

@@ -47,8 +47,7 @@ from torch.fx import GraphModule
 
 from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel, collector_paused
 from hant.cost_models.learned.kernels import (
-    KERNEL_FEATURES, KernelNetwork, kernel_extras, kernel_network, kernel_rows, kernel_work,
-    kernels_and_facts, layout_reorders,
+    KERNEL_FEATURES, KernelNetwork, kernel_extras, kernel_network, kernel_rows, kernel_work, walk_kernels,
 )
 from hant.errors import CostModelError
 from hant.graphs.ops import graph_unchanged
@@ -98,7 +97,6 @@ def network_design(kernel_seconds: np.ndarray, network: KernelNetwork) -> np.nda
     return np.array([float(kernel_seconds.sum()), float(len(kernel_seconds)), 1.0, reorder_elements,
                      float(len(network.reorders)), float(extras[:, 0].sum()), isolation, reorder_elements - isolation,
                      float(extras[:, 2].sum())])
-_SKIP = ("placeholder", "output", "get_attr")
 
 
 class KernelNet(nn.Module):
@@ -174,11 +172,17 @@ class KernelPredictor:
         """A network's seconds from its kernels' seconds alone and its reorders (the calibration)."""
         return float(network_design(kernel_seconds, network) @ self._coefficients)
 
-    def kernel_shares(self, kernel_seconds: np.ndarray, configs) -> np.ndarray:
-        """Each kernel's calibrated seconds in a network (the calibration's per-kernel part)."""
-        extras = kernel_extras(configs)
+    def kernel_shares(self, kernel_seconds: np.ndarray, extras: np.ndarray) -> np.ndarray:
+        """Each kernel's calibrated seconds in a network (the calibration's per-kernel part), from its seconds
+        alone and its :func:`~hant.cost_models.learned.kernels.kernel_extras` row. A network is the sum of its
+        kernels' shares, its reorders' (:meth:`reorder_seconds`) and :attr:`overhead_s`."""
         parts = np.column_stack([kernel_seconds, np.ones_like(kernel_seconds), extras])
         return parts @ self._kernel_coef
+
+    @property
+    def overhead_s(self) -> float:
+        """Seconds every network pays once (the calibration's constant)."""
+        return float(self._coefficients[CALIBRATION_TERMS.index("constant")])
 
     def reorder_seconds(self, elements: np.ndarray) -> np.ndarray:
         """Calibrated seconds of reorders inside a network converting ``elements`` values each."""
@@ -353,29 +357,28 @@ class KernelCostModel(GraphPricedModel):
 
     def _graph_cost(self, gm: GraphModule) -> CostReport:
         with graph_unchanged():   # a read-only walk: each node is classified once
-            kernels, facts = kernels_and_facts(gm)
-            reorders = layout_reorders(gm, kernels, facts)
-        configs = [k.config for k in kernels]
-        seconds = self.predictor.kernel_seconds(kernel_rows(configs))
-        shares = self.predictor.kernel_shares(seconds, configs)
-        by_anchor = {k.anchor: (k, share) for k, share in zip(kernels, shares)}
+            walk = walk_kernels(gm)
+        kernels, reorders = walk.kernels, walk.reorders
+        # equal kernels share one configuration object: each distinct one is featurised and predicted once
+        distinct, index = _distinct([k.config for k in kernels])
+        seconds = self.predictor.kernel_seconds(kernel_rows(distinct))[index]
+        shares = self.predictor.kernel_shares(seconds, kernel_extras(distinct)[index])
         reorder_s = self.predictor.reorder_seconds([r.elements for r in reorders])
+        overhead = self.predictor.overhead_s
+        total = float(shares.sum() + reorder_s.sum()) + overhead
+        work = np.array([kernel_work(c) for c in distinct], dtype=np.int64).reshape(-1, 4)
+        macs, read, written, params = (np.bincount(index, minlength=len(distinct)) @ work).tolist()
+        read += params
+        by_anchor = {k.anchor: (k, share) for k, share in zip(kernels, shares.tolist())}
         at: dict[str, float] = {}
-        for r, t in zip(reorders, reorder_s):
-            at[r.at] = at.get(r.at, 0.0) + float(t)
-        macs = read = written = params = 0
-        for config in configs:
-            counted_macs, in_b, out_b, w_b = kernel_work(config)
-            macs, read, written, params = macs + counted_macs, read + in_b + w_b, written + out_b, params + w_b
-        # what the rows need, fixed now (the graph may change before they are read) and naming no node (a
-        # report kept does not keep its graph alive)
-        nodes = [(node.name, facts[node][1:], node.meta.get("tensor_meta")) for node in gm.graph.nodes
-                 if node.op not in _SKIP]
+        for r, t in zip(reorders, reorder_s.tolist()):
+            at[r.at] = at.get(r.at, 0.0) + t
+        nodes = walk.nodes
 
         def make_rows() -> list[CostRow]:
             rows = []
             empty = Cost()
-            for name, (kind, target), meta in nodes:
+            for name, kind, target, meta in nodes:
                 hit = by_anchor.get(name)
                 extra = at.get(name, 0.0)
                 if hit is None:
@@ -383,16 +386,25 @@ class KernelCostModel(GraphPricedModel):
                 else:
                     kernel, latency = hit
                     counted_macs, in_b, out_b, w_b = kernel_work(kernel.config)
-                    cost = Cost(float(latency) + extra, counted_macs, 4 * (in_b + w_b), 4 * out_b, w_b)
+                    cost = Cost(latency + extra, counted_macs, 4 * (in_b + w_b), 4 * out_b, w_b)
                 shape = getattr(meta, "shape", None)
                 rows.append(CostRow(name, kind, target, (), tuple(shape) if shape is not None else None, cost))
             return rows
-        network = KernelNetwork(tuple(configs), tuple((r.to_blocked, r.elements) for r in reorders))
-        total = self.predictor.network_seconds(seconds, network)
-        rows_s = float(shares.sum() + reorder_s.sum())
         notes = [f"predicted by a kernel predictor: {len(kernels)} kernels and {len(reorders)} layout reorders "
-                 f"({reorder_s.sum() * 1e3:.4g} ms); the total includes {(total - rows_s) * 1e3:.4g} ms of "
+                 f"({reorder_s.sum() * 1e3:.4g} ms); the total includes {overhead * 1e3:.4g} ms of "
                  "per-network overhead"]
         return CostReport.deferred(self.name, make_rows, Cost(total, macs, 4 * read, 4 * written, params), notes)
 
 
+def _distinct(configs: list[dict]) -> tuple[list[dict], np.ndarray]:
+    """The distinct configuration objects among ``configs`` (by identity) and each one's position among them."""
+    position: dict[int, int] = {}
+    distinct: list[dict] = []
+    index = []
+    for config in configs:
+        i = position.get(id(config))
+        if i is None:
+            i = position[id(config)] = len(distinct)
+            distinct.append(config)
+        index.append(i)
+    return distinct, np.array(index, dtype=np.intp)

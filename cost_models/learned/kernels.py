@@ -51,7 +51,7 @@ from hant.graphs.ops import (
 )
 
 __all__ = ["KERNEL_TYPES", "KERNEL_ACTIVATIONS", "KERNEL_FEATURES", "KERNEL_TIMING", "Kernel", "extract_kernels",
-           "kernels_and_facts", "kernel_extras", "Reorder", "layout_reorders", "conv_runs_blocked",
+           "walk_kernels", "KernelWalk", "kernel_extras", "Reorder", "layout_reorders", "conv_runs_blocked",
            "isolation_nodes", "NCHWC_BLOCK", "KernelNetwork", "kernel_network", "kernel_row", "kernel_rows",
            "node_facts", "sample_kernel", "sampled_kernels", "build_kernel", "kernel_signature", "kernel_macs",
            "kernel_bytes", "profile_kernels", "forget_kernels"]
@@ -307,37 +307,65 @@ def extract_kernels(gm: GraphModule) -> list[Kernel]:
     that computes is a kernel alone; free nodes (views, identities, sizes) belong to none.
     Kernels come in graph order; equal kernels share one configuration dict (do not mutate it).
     """
-    return kernels_and_facts(gm)[0]
+    return walk_kernels(gm).kernels
 
 
-def kernels_and_facts(gm: GraphModule) -> tuple[list[Kernel], dict[Node, tuple]]:
-    """:func:`extract_kernels`, and the :func:`node_facts` of every node it read (for pricing rows)."""
-    facts: dict[Node, tuple] = {}
-    taken: set[Node] = set()
+@dataclass(frozen=True)
+class KernelWalk:
+    """What :func:`walk_kernels` finds in one pass over a graph.
+
+    ``kernels``: :func:`extract_kernels`; ``reorders``: :func:`layout_reorders`; ``nodes``: for
+    every node that computes (not placeholders, the output, attribute reads), in graph order,
+    ``(name, op_kind, readable target, tensor_meta)``: what a cost report's rows need, naming no
+    node, so keeping a walk does not keep its graph alive."""
+    kernels: list[Kernel]
+    reorders: list[Reorder]
+    nodes: list[tuple[str, str, str, object]]
+
+
+def walk_kernels(gm: GraphModule) -> KernelWalk:
+    """Kernels, layout reorders and per-node facts of ``gm`` in one pass over its nodes (see :class:`KernelWalk`).
+
+    A kernel is formed at its first node, reading ahead to the batch norm and activation it absorbs;
+    the layout of each tensor is decided when its node is reached, as onnxruntime's NCHWc
+    transformer decides it (:func:`layout_reorders`)."""
+    read_ahead: dict[Node, tuple] = {}      # facts of the nodes _sole_user looked at before the walk got there
+    absorbed: set[Node] = set()             # nodes fused into a kernel formed at an earlier node
+    layouts = _Layouts()
     kernels: list[Kernel] = []
+    rows: list[tuple[str, str, str, object]] = []
     for node in gm.graph.nodes:
-        full = facts.get(node)
-        if full is None:
-            full = facts[node] = node_facts(node)
-        if node in taken:
+        op = node.op
+        if op == "placeholder":
+            layouts.blocked[node] = False
             continue
+        if op == "output":
+            layouts.graph_output(node)
+            continue
+        full = read_ahead.pop(node, None) or node_facts(node)
+        if op != "get_attr":
+            rows.append((node.name, full[1], full[2], node.meta.get("tensor_meta")))
         f = full[0]
+        if node in absorbed:
+            layouts.absorbed(node, f[1])
+            continue
         role = f[0]
         if role == "free":
+            layouts.free(node, full[1])
             continue
         members = [node]
         act, bn, last = "none", False, node
         if role in ("conv", "linear"):
-            norm = _sole_user(last, "bn", facts)
+            norm = _sole_user(last, "bn", read_ahead)
             if norm is not None:
                 members.append(norm)
                 bn, last = True, norm
         if role in ("conv", "linear", "bn", "add"):
-            follower = _sole_user(last, "act", facts)
+            follower = _sole_user(last, "act", read_ahead)
             if follower is not None:
                 members.append(follower)
-                act = facts[follower][0][2][1]
-        taken.update(members)
+                act = read_ahead[follower][0][2][1]
+        absorbed.update(members[1:])
         key = (role, f[2], act, bn)
         config = _CONFIGS.get(key)
         if config is None:
@@ -345,7 +373,8 @@ def kernels_and_facts(gm: GraphModule) -> tuple[list[Kernel], dict[Node, tuple]]
                 _CONFIGS.clear()
             config = _CONFIGS[key] = _config(role, f[2], act, bn)
         kernels.append(Kernel(config, node.name, tuple(m.name for m in members)))
-    return kernels, facts
+        layouts.kernel(node, f[0], config)
+    return KernelWalk(kernels, layouts.reorders, rows)
 
 
 def _config(role: str, data: tuple, act: str, bn: bool) -> dict:
@@ -449,7 +478,7 @@ class Reorder:
 _NEUTRAL = ("bn", "act", "add", "mul")          # elementwise: run in the layout of their inputs
 
 
-def layout_reorders(gm: GraphModule, kernels: list[Kernel], facts: dict[Node, tuple]) -> list[Reorder]:
+def layout_reorders(gm: GraphModule) -> list[Reorder]:
     """The reorders onnxruntime's NCHWc transformer inserts between the kernels of ``gm``.
 
     Each tensor is blocked (NCHWc) or plain (NCHW). Blocked convolutions
@@ -460,74 +489,81 @@ def layout_reorders(gm: GraphModule, kernels: list[Kernel], facts: dict[Node, tu
     absorbs it); everything else (broadcast multiplies such as squeeze-excite
     gates, transposes, splits, reshapes and flattens, linear layers, the graph output) needs
     plain tensors. A tensor is converted at most once each way, however many nodes need it.
-    ``kernels`` and ``facts`` are what :func:`kernels_and_facts` returned for ``gm``.
+    Reorders come in graph order of the node that needs them.
     """
-    owner: dict[str, tuple[Kernel, bool]] = {}
-    for kernel in kernels:
-        for name in kernel.nodes:
-            owner[name] = (kernel, name == kernel.anchor)
-    blocked: dict[Node, bool] = {}
-    reorders: list[Reorder] = []
-    converted: set[tuple[Node, bool]] = set()
+    return walk_kernels(gm).reorders
 
-    def convert(tensor: Node, to_blocked: bool, at: Node) -> None:
-        if (tensor, to_blocked) not in converted:
-            converted.add((tensor, to_blocked))
-            reorders.append(Reorder(tensor.name, to_blocked, _numel(output_shape(tensor)), at.name))
 
-    def plain_inputs(node: Node, inputs: list[Node]) -> bool:
+class _Layouts:
+    """The layout of each tensor and the reorders found so far, for :func:`walk_kernels` to fill in graph
+    order with the rules of :func:`layout_reorders`."""
+
+    def __init__(self):
+        self.blocked: dict[Node, bool] = {}
+        self.reorders: list[Reorder] = []
+        self._converted: set[tuple[Node, bool]] = set()
+
+    def _convert(self, tensor: Node, to_blocked: bool, at: Node) -> None:
+        if (tensor, to_blocked) not in self._converted:
+            self._converted.add((tensor, to_blocked))
+            self.reorders.append(Reorder(tensor.name, to_blocked, _numel(output_shape(tensor)), at.name))
+
+    def _inputs(self, node: Node) -> list[Node]:
+        blocked = self.blocked
+        return [a for a in node.all_input_nodes if a in blocked]
+
+    def _plain_inputs(self, node: Node, inputs: list[Node]) -> bool:
+        """Convert the blocked ``inputs`` back to NCHW for ``node``; False (``node``'s output is plain)."""
         for a in inputs:
-            if blocked[a]:
-                convert(a, False, node)
+            if self.blocked[a]:
+                self._convert(a, False, node)
         return False
 
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            blocked[node] = False
-            continue
-        inputs = [a for a in node.all_input_nodes if a in blocked]
-        if node.op == "output":                 # paid by the producers: the output node has no cost row
-            for a in inputs:
-                if blocked[a]:
-                    convert(a, False, a)
-            continue
-        own = owner.get(node.name)
-        if own is not None and not own[1]:              # a fused member: the layout its kernel makes
-            blocked[node] = blocked[node.all_input_nodes[0]] if node.all_input_nodes[0] in blocked else False
-            continue
-        full = facts.get(node) or node_facts(node)
-        if own is None:                                  # free: views keep a layout only when they are identities
-            if full[0][0] == "free" and output_shape(node) is None:
-                continue                                 # sizes and tuples carry no tensor
-            if full[1] == "identity" and inputs:
-                blocked[node] = blocked[inputs[0]]
-            else:
-                blocked[node] = plain_inputs(node, inputs)
-            continue
-        config = own[0].config
+    def graph_output(self, node: Node) -> None:
+        """The graph's outputs leave plain; paid by the producers (the output node has no cost row)."""
+        for a in self._inputs(node):
+            if self.blocked[a]:
+                self._convert(a, False, a)
+
+    def absorbed(self, node: Node, main_input: Node) -> None:
+        """A node fused into its kernel (batch norm, activation) makes the layout its kernel makes."""
+        self.blocked[node] = self.blocked.get(main_input, False)
+
+    def free(self, node: Node, kind: str) -> None:
+        """A node in no kernel: an identity keeps its input's layout, other views need plain inputs."""
+        if output_shape(node) is None:
+            return                                     # sizes and tuples carry no tensor
+        inputs = self._inputs(node)
+        if kind == "identity" and inputs:
+            self.blocked[node] = self.blocked[inputs[0]]
+        else:
+            self.blocked[node] = self._plain_inputs(node, inputs)
+
+    def kernel(self, node: Node, role: str, config: dict) -> None:
+        """The first node of a kernel with configuration ``config``; ``role`` is its node's (see :func:`_describe`)."""
+        blocked, inputs = self.blocked, self._inputs(node)
         t = config["type"]
         if t == "conv" and conv_runs_blocked(config):
             reads_nchw = _reads_nchw(config)
             for a in inputs:
                 if blocked[a] == reads_nchw:
-                    convert(a, not reads_nchw, node)
+                    self._convert(a, not reads_nchw, node)
             blocked[node] = True
         elif t in ("pool_max", "pool_avg", "pool_global"):
             keep = bool(inputs) and all(blocked[a] for a in inputs) and _pool_blocked(config["shape"][1])
-            blocked[node] = keep or plain_inputs(node, inputs)
+            blocked[node] = keep or self._plain_inputs(node, inputs)
         elif t == "cat":
             keep = all(blocked[a] and output_shape(a)[1] % NCHWC_BLOCK == 0 for a in inputs)
-            blocked[node] = keep or plain_inputs(node, inputs)
-        elif t in _NEUTRAL and full[0][0] != "other" and not config.get("broadcast", False):
+            blocked[node] = keep or self._plain_inputs(node, inputs)
+        elif t in _NEUTRAL and role != "other" and not config.get("broadcast", False):
             keep = bool(inputs) and all(blocked[a] for a in inputs)
             if keep and config.get("act") == "relu6":     # a Clip not fused into a convolution runs NCHW;
-                convert(inputs[0], False, node)           # the sum of blocked inputs is fused into one of them
+                self._convert(inputs[0], False, node)     # the sum of blocked inputs is fused into one of them
                 blocked[node] = False
             else:
-                blocked[node] = keep or plain_inputs(node, inputs)
+                blocked[node] = keep or self._plain_inputs(node, inputs)
         else:
-            blocked[node] = plain_inputs(node, inputs)
-    return reorders
+            blocked[node] = self._plain_inputs(node, inputs)
 
 
 @dataclass(frozen=True)
@@ -540,9 +576,9 @@ class KernelNetwork:
 
 def kernel_network(gm: GraphModule) -> KernelNetwork:
     """The :class:`KernelNetwork` of a traced graph."""
-    kernels, facts = kernels_and_facts(gm)
-    reorders = layout_reorders(gm, kernels, facts)
-    return KernelNetwork(tuple(dict(k.config) for k in kernels), tuple((r.to_blocked, r.elements) for r in reorders))
+    walk = walk_kernels(gm)
+    return KernelNetwork(tuple(dict(k.config) for k in walk.kernels),
+                         tuple((r.to_blocked, r.elements) for r in walk.reorders))
 
 
 # ---------------------------------------------------------------- features

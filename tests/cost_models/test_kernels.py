@@ -21,7 +21,7 @@ from hant.cost_models.learned.kernel_model import (
 )
 from hant.cost_models.learned.kernels import (
     KERNEL_FEATURES, KERNEL_TYPES, KernelNetwork, build_kernel, conv_runs_blocked, extract_kernels, isolation_nodes,
-    kernel_macs, kernel_network, kernel_rows, kernel_signature, kernels_and_facts, layout_reorders, profile_kernels,
+    kernel_macs, kernel_network, kernel_rows, kernel_signature, layout_reorders, profile_kernels,
     sample_kernel, sampled_kernels,
 )
 from hant.cost_models.netspace import ShuffleUnit, SqueezeExcite
@@ -126,8 +126,7 @@ class _ShuffleBetweenConvs(nn.Module):
 
 def _reorders(model, channels, side=8):
     gm = hant.trace(model.eval(), torch.randn(1, channels, side, side))
-    kernels, facts = kernels_and_facts(gm)
-    return gm, layout_reorders(gm, kernels, facts)
+    return gm, layout_reorders(gm)
 
 
 def test_a_channel_shuffle_between_blocked_convs_costs_a_reorder_each_way():
@@ -351,7 +350,8 @@ def test_layout_calibration_round_trips_through_the_file_and_prices_rows(predict
     assert loaded.calibration == predictor.calibration
     gm = hant.trace(_ShuffleBetweenConvs(32).eval(), torch.randn(1, 32, 8, 8))
     report = get(f"learned:{path}").graph_cost(gm)
-    assert report.latency_s == pytest.approx(loaded.predict_graph(gm), rel=1e-9)
+    # graph_cost runs the float32 MLP on distinct kernels only, predict_graph on all: rounding differs a little
+    assert report.latency_s == pytest.approx(loaded.predict_graph(gm), rel=1e-6)
     # rows carry the kernels and the four reorders; the constant is the rest
     assert report.rows_latency_s + LAW["constant"] == pytest.approx(report.latency_s, rel=1e-9)
     assert "4 layout reorders" in report.notes[0]
@@ -365,7 +365,7 @@ def test_learned_kernel_file_round_trip_and_node_order(predictor, tmp_path):
     gm = _trace(resnet18())
     report = model.graph_cost(gm)
     assert report.latency_s == pytest.approx(KernelPredictor.from_state(torch.load(path, weights_only=True))
-                                             .predict_graph(gm), rel=1e-9)
+                                             .predict_graph(gm), rel=1e-6)
     assert report.rows_latency_s > 0 and len(report.rows) == len(
         [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")])
     assert model.node_cost(next(n for n in gm.graph.nodes if n.name == "conv1")).latency_s > 0
