@@ -31,8 +31,8 @@ from hant.graphs.ops import (
     activation_of, conv_of, linear_of, mul_of, op_kind, output_shape, pool_of, tensor_meta,
 )
 
-__all__ = ["KINDS", "FEATURE_NAMES", "FEATURE_VERSION", "GraphFeatures", "local_features", "finish", "featurize",
-           "batch_graphs"]
+__all__ = ["KINDS", "FEATURE_NAMES", "FEATURE_VERSION", "GraphFeatures", "local_features", "local_features_and_counts",
+           "finish", "featurize", "featurize_with_counts", "batch_graphs"]
 
 FEATURE_VERSION = 1
 
@@ -81,19 +81,6 @@ def _log(v: float) -> float:
     return math.log1p(max(float(v), 0.0))
 
 
-def _numel(shape) -> int:
-    return int(np.prod(shape)) if shape is not None else 0
-
-
-def _work(node: Node, kind: str, counter) -> tuple[float, float, float]:
-    """(MACs, bytes moved, params) of a node from the flops model."""
-    try:
-        cost = counter.node_cost(node)
-    except Exception as exc:  # a node the counter cannot price: name it
-        raise CostModelError(f"the flops model cannot count node {node.name!r} ({kind}): {exc}") from exc
-    return float(cost.macs), float(cost.bytes), float(cost.params)
-
-
 def _counter():
     from hant.cost_models.flops import FlopsModel
     return FlopsModel()
@@ -107,6 +94,16 @@ def _is_zero_constant(value) -> bool:
     return False
 
 
+_N = len(FEATURE_NAMES)
+_KIND_COL = {kind: _COL[f"kind_{kind}"] for kind in KINDS}
+_C_BATCH, _C_CHANNELS, _C_SPATIAL, _C_IN_CHANNELS = (_COL[c] for c in ("log_batch", "log_channels", "log_spatial",
+                                                                        "log_in_channels"))
+_C_MACS, _C_BYTES, _C_PARAMS, _C_INPUTS = (_COL[c] for c in ("log_macs", "log_bytes", "log_params", "n_inputs"))
+_C_KERNEL, _C_STRIDE, _C_GROUPS, _C_DEPTHWISE, _C_ZERO = (_COL[c] for c in ("kernel_area", "stride", "log_groups",
+                                                                            "depthwise", "zero_op"))
+_C_AVG, _C_MAX, _C_GLOBAL = (_COL[c] for c in ("pool_avg", "pool_max", "pool_global"))
+
+
 def local_features(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[Node]]:
     """Per-node rows without the derived columns, the producer indices of each row, and the nodes.
 
@@ -114,13 +111,21 @@ def local_features(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[N
     for a graph that was not traced. In a traced graph, nodes that produce no tensor (sizes, tuples
     of chunks, guards) have no ``tensor_meta`` and become free ``shape`` rows (no MACs, bytes or params).
     """
+    x, producers, nodes, _ = local_features_and_counts(gm)
+    return x, producers, nodes
+
+
+def local_features_and_counts(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[Node], list]:
+    """:func:`local_features`, and each row's ``flops`` :class:`~hant.cost_models.base.Cost` (None for
+    placeholders and nodes without shapes), which its MAC, byte and parameter columns were read from."""
     counter = _counter()
     nodes = [n for n in gm.graph.nodes if n.op not in _SKIPPED]
     index = {n: i for i, n in enumerate(nodes)}
-    x = np.zeros((len(nodes), len(FEATURE_NAMES)), dtype=np.float32)
+    rows: list[list[float]] = []
+    counts: list = []
     producers: list[list[int]] = []
     traced = any(tensor_meta(n) is not None for n in nodes)
-    for i, node in enumerate(nodes):
+    for node in nodes:
         symbolic = node.op != "placeholder" and tensor_meta(node) is None
         if symbolic and not traced:
             raise CostModelError(f"node {node.name!r} has no shape; trace the model with hant.trace first")
@@ -128,49 +133,65 @@ def local_features(gm: GraphModule) -> tuple[np.ndarray, list[list[int]], list[N
         # an input guard): a free shape op.
         kind = "shape" if symbolic else op_kind(node)
         kind = kind if kind in KINDS else "other"
-        row = x[i]
-        row[_COL[f"kind_{kind}"]] = 1.0
+        row = [0.0] * _N
+        row[_KIND_COL[kind]] = 1.0
         shape = output_shape(node)
         if shape is not None and len(shape) >= 1:
-            row[_COL["log_batch"]] = _log(shape[0])
+            row[_C_BATCH] = _log(shape[0])
             if len(shape) >= 2:
-                row[_COL["log_channels"]] = _log(shape[1])
-                row[_COL["log_spatial"]] = _log(_numel(shape[2:]))
-        inputs = [a for a in node.all_input_nodes if a in index]
-        producers.append([index[a] for a in inputs])
-        row[_COL["n_inputs"]] = len(inputs)
-        if inputs and output_shape(inputs[0]) is not None and len(output_shape(inputs[0])) >= 2:
-            row[_COL["log_in_channels"]] = _log(output_shape(inputs[0])[1])
+                row[_C_CHANNELS] = _log(shape[1])
+                row[_C_SPATIAL] = _log(math.prod(shape[2:]))
+        inputs = [index[a] for a in node.all_input_nodes if a in index]
+        producers.append(inputs)
+        row[_C_INPUTS] = len(inputs)
+        if inputs:
+            in_shape = output_shape(nodes[inputs[0]])
+            if in_shape is not None and len(in_shape) >= 2:
+                row[_C_IN_CHANNELS] = _log(in_shape[1])
+        cost = None
         if node.op != "placeholder" and not symbolic:
-            macs, nbytes, params = _work(node, kind, counter)
-            row[_COL["log_macs"]] = _log(macs)
-            row[_COL["log_bytes"]] = _log(nbytes)
-            row[_COL["log_params"]] = _log(params)
-        row[_COL["stride"]] = 1.0
-        row[_COL["kernel_area"]] = 1.0
+            cost = _work(node, kind, counter)
+            row[_C_MACS] = _log(cost.macs)
+            row[_C_BYTES] = _log(cost.bytes)
+            row[_C_PARAMS] = _log(cost.params)
+        counts.append(cost)
+        row[_C_STRIDE] = 1.0
+        row[_C_KERNEL] = 1.0
         if kind == "conv":
             view = conv_of(node)
-            row[_COL["kernel_area"]] = float(np.prod(view.kernel_size))
-            row[_COL["stride"]] = float(max(view.stride))
-            row[_COL["log_groups"]] = _log(view.groups)
-            row[_COL["depthwise"]] = float(view.is_depthwise)
+            row[_C_KERNEL] = float(math.prod(view.kernel_size))
+            row[_C_STRIDE] = float(max(view.stride))
+            row[_C_GROUPS] = _log(view.groups)
+            row[_C_DEPTHWISE] = float(view.is_depthwise)
+            if view.has_bias:
+                row[_C_ZERO] = -1.0  # a bias maps zero to non-zero
+        elif kind == "linear":
+            if linear_of(node).has_bias:
+                row[_C_ZERO] = -1.0
         elif kind == "pool":
             view = pool_of(node)
-            row[_COL["pool_avg"]] = float("avg" in view.kind)
-            row[_COL["pool_max"]] = float("max" in view.kind)
-            row[_COL["pool_global"]] = float(view.kind.startswith("adaptive"))
+            row[_C_AVG] = float("avg" in view.kind)
+            row[_C_MAX] = float("max" in view.kind)
+            row[_C_GLOBAL] = float(view.kind.startswith("adaptive"))
             if view.kernel_size:
-                row[_COL["kernel_area"]] = float(np.prod(view.kernel_size))
-                row[_COL["stride"]] = float(max(view.stride))
+                row[_C_KERNEL] = float(math.prod(view.kernel_size))
+                row[_C_STRIDE] = float(max(view.stride))
         elif kind == "mul":
             view = mul_of(node)
-            row[_COL["zero_op"]] = float(_is_zero_constant(view.lhs) or _is_zero_constant(view.rhs))
+            row[_C_ZERO] = float(_is_zero_constant(view.lhs) or _is_zero_constant(view.rhs))
         elif kind == "activation":
-            view = activation_of(node)
-            row[_COL["zero_op"]] = 0.0 if view.kind in _ZERO_AT_ZERO_ACTIVATIONS else -1.0
-        if kind == "conv" and conv_of(node).has_bias or kind == "linear" and linear_of(node).has_bias:
-            row[_COL["zero_op"]] = -1.0  # a bias maps zero to non-zero
-    return x, producers, nodes
+            row[_C_ZERO] = 0.0 if activation_of(node).kind in _ZERO_AT_ZERO_ACTIVATIONS else -1.0
+        rows.append(row)
+    x = np.array(rows, dtype=np.float32).reshape(len(rows), _N)
+    return x, producers, nodes, counts
+
+
+def _work(node: Node, kind: str, counter):
+    """The flops model's :class:`~hant.cost_models.base.Cost` of a node (MACs, bytes moved, params)."""
+    try:
+        return counter.node_cost(node)
+    except Exception as exc:  # a node the counter cannot price: name it
+        raise CostModelError(f"the flops model cannot count node {node.name!r} ({kind}): {exc}") from exc
 
 
 def finish(x: np.ndarray, producers: list[list[int]], output_rows: list[int]) -> np.ndarray:
@@ -213,11 +234,16 @@ def finish(x: np.ndarray, producers: list[list[int]], output_rows: list[int]) ->
 
 def featurize(gm: GraphModule) -> GraphFeatures:
     """The :class:`GraphFeatures` of a traced graph (``hant.trace`` output)."""
-    x, producers, nodes = local_features(gm)
+    return featurize_with_counts(gm)[0]
+
+
+def featurize_with_counts(gm: GraphModule) -> tuple[GraphFeatures, list]:
+    """:func:`featurize`, and each row's ``flops`` cost (see :func:`local_features_and_counts`)."""
+    x, producers, nodes, counts = local_features_and_counts(gm)
     index = {n: i for i, n in enumerate(nodes)}
     outputs = [index[a] for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes if a in index]
     edges = finish(x, producers, outputs)
-    return GraphFeatures(x, edges, tuple(n.name for n in nodes))
+    return GraphFeatures(x, edges, tuple(n.name for n in nodes)), counts
 
 
 def batch_graphs(graphs: list[GraphFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

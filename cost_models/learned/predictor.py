@@ -22,11 +22,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from hant.cost_models.base import CostReport, GraphPricedModel, register
-from hant.cost_models.learned.features import FEATURE_NAMES, FEATURE_VERSION, GraphFeatures, batch_graphs, featurize
+from hant.cost_models.base import Cost, CostReport, CostRow, GraphPricedModel, collector_paused, register, target_name
+from hant.cost_models.learned.features import (
+    FEATURE_NAMES, FEATURE_VERSION, GraphFeatures, batch_graphs, featurize_with_counts,
+)
 from hant.cost_models.learned.gnn import GraphNet, compress
 from hant.cost_models.learned.perop import FUSION_PROFILES, PerOpNet, group_features
 from hant.errors import CostModelError
+from hant.graphs.ops import graph_unchanged, op_kind
 
 __all__ = ["Predictor", "LearnedCostModel", "load_predictor", "MODEL_KINDS"]
 
@@ -171,21 +174,40 @@ class LearnedCostModel(GraphPricedModel):
         self._counts = FlopsModel()
 
     def graph_cost(self, gm) -> CostReport:
-        graph = featurize(gm)
+        with collector_paused(), graph_unchanged():   # a read-only walk: each node is classified once
+            graph, counts = featurize_with_counts(gm)
+            # what the rows need, fixed now (the graph may change before they are read), naming no node
+            facts = []
+            rows_of = (n for n in gm.graph.nodes if n.op not in ("output", "get_attr"))   # featurize's rows
+            for node, cost in zip(rows_of, counts):
+                if node.op == "placeholder":
+                    continue
+                if cost is None:                       # a node without shapes: its parameters only
+                    cost = self._counts.node_cost(node)
+                inputs = tuple(a.meta.get("tensor_meta") for a in node.all_input_nodes if a.op != "get_attr")
+                facts.append((node.name, op_kind(node), target_name(node), inputs, node.meta.get("tensor_meta"),
+                              cost))
         shares, constant = self.predictor.node_latencies(graph)
-        by_name = dict(zip(graph.names, shares))
-        rows = []
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output", "get_attr"):
-                continue
-            row = self._counts.row(node)
-            rows.append(replace(row, cost=replace(row.cost, latency_s=float(by_name.get(node.name, 0.0)))))
-        report = CostReport.from_rows(self.name, rows)
+        share_of = dict(zip(graph.names, shares.tolist()))
+        macs = read = written = params = 0
+        rows_s = 0.0
+        for name, _, _, _, _, cost in facts:
+            macs, read, written, params = (macs + cost.macs, read + cost.bytes_read, written + cost.bytes_written,
+                                           params + cost.params)
+            rows_s += share_of.get(name, 0.0)
         total = float(shares.sum()) + constant
-        notes = [f"predicted by a {self.predictor.kind} predictor; the total includes "
-                 f"{(total - report.rows_latency_s) * 1e3:.4g} ms not tied to any node"]
-        return CostReport(self.name, report.rows, replace(report.total, latency_s=total), notes)
 
+        def make_rows() -> list[CostRow]:
+            rows = []
+            for name, kind, target, inputs, meta, cost in facts:
+                shapes = tuple(tuple(m.shape) for m in inputs if getattr(m, "shape", None) is not None)
+                shape = getattr(meta, "shape", None)
+                rows.append(CostRow(name, kind, target, shapes, tuple(shape) if shape is not None else None,
+                                    replace(cost, latency_s=share_of.get(name, 0.0))))
+            return rows
+        notes = [f"predicted by a {self.predictor.kind} predictor; the total includes "
+                 f"{(total - rows_s) * 1e3:.4g} ms not tied to any node"]
+        return CostReport.deferred(self.name, make_rows, Cost(total, macs, read, written, params), notes)
 
 
 _LOADED: dict[tuple[str, float], Predictor] = {}
