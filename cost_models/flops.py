@@ -50,16 +50,18 @@ __all__ = ["FlopsModel", "node_macs", "tensor_bytes"]
 
 
 def _numel(shape) -> int:
-    return math.prod(int(s) for s in shape) if shape is not None else 0
+    return int(math.prod(shape)) if shape is not None else 0
 
 
 def _metas(value) -> list:
     """The TensorMetadata entries of a node's ``tensor_meta`` (one, or several for tuple outputs)."""
     if value is None:
         return []
-    if isinstance(value, (list, tuple)) and not hasattr(value, "shape"):
+    if hasattr(value, "shape"):
+        return [value] if hasattr(value, "dtype") else []
+    if isinstance(value, (list, tuple)):
         return [m for item in value for m in _metas(item)]
-    return [value] if hasattr(value, "shape") and hasattr(value, "dtype") else []
+    return []
 
 
 def tensor_bytes(node: Node) -> int:
@@ -175,7 +177,20 @@ def _einsum_macs(node: Node) -> int | None:
 
 def node_macs(node: Node) -> int:
     """Multiply-accumulates of one node (0 for ops that only move or combine data)."""
-    for count in (_conv_macs, _linear_macs, _matmul_macs, _einsum_macs, _attention_macs):
+    return _macs(node, op_kind(node))
+
+
+def _macs(node: Node, kind: str) -> int:
+    """:func:`node_macs` of a node whose ``op_kind`` is ``kind``.
+
+    ``op_kind`` asks the convolution and linear views before any other, so a node of another
+    kind is neither; matrix products and einsums are functions or methods, never modules."""
+    if kind == "conv":
+        return int(_conv_macs(node))
+    if kind == "linear":
+        return int(_linear_macs(node))
+    counters = (_attention_macs,) if node.op == "call_module" else (_matmul_macs, _einsum_macs, _attention_macs)
+    for count in counters:
         macs = count(node)
         if macs is not None:
             return int(macs)
@@ -232,11 +247,12 @@ class FlopsModel(NodeSumCostModel):
             return Cost()
         params, weight_bytes = _weights(node)
         written = _metas(tensor_meta(node))
-        if not written or op_kind(node) in ("shape", "identity"):
+        kind = op_kind(node)
+        if not written or kind in ("shape", "identity"):
             return Cost(params=params)
         return Cost(
             latency_s=0.0,
-            macs=node_macs(node),
+            macs=_macs(node, kind),
             bytes_read=_activation_bytes(node) + weight_bytes,
             bytes_written=sum(_numel(m.shape) * m.dtype.itemsize for m in written),
             params=params,
