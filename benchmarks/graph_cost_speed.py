@@ -2,7 +2,8 @@
 
 Writes ``benchmarks/results/graph_cost_speed.md``. For each graph (torchvision
 efficientnet_b7, 866 nodes, and efficientnet_v2_l, 1,094 nodes; batch 1, 224x224) and each
-cost model, in interleaved rounds (model A, B, C, A, B, C, ...):
+cost model (the kernel predictor, the graph network and the per-op predictor, the calibrated
+roofline's uncalibrated form and the flops counter), in interleaved rounds (model A, B, C, A, B, C, ...):
 
 * first call: ``graph_cost`` on a fresh deep copy of the traced graph (new Node objects, so
   no per-node cache has seen them; the code paths are warm), as a user pricing a network
@@ -11,8 +12,8 @@ cost model, in interleaved rounds (model A, B, C, A, B, C, ...):
   kernel configuration or feature row is shared with an earlier graph either (a copy of a
   network priced before shares them: passes that price many variants of one network do);
 * repeated: ``graph_cost`` on the same graph again (what ranking passes do);
-* rows read (kernel predictor only): a first call on a fresh copy and then reading its report's
-  per-node rows, which the kernel predictor builds only when they are read (``hant inspect``
+* rows read (learned models): a first call on a fresh copy and then reading its report's
+  per-node rows, which the learned models build only when they are read (``hant inspect``
   reads them; passes that rank rewrites read only the total).
 
 Both are reported as medians and minima of the rounds, wall clock and this thread's CPU
@@ -21,6 +22,8 @@ time (on a shared machine the wall clock includes waiting for a core).
 The kernel predictor is ``--predictor PATH`` (a ``hant fit --model kernel`` file); without
 one, a predictor of the same architecture is fitted to synthetic kernel latencies: how
 fast it prices does not depend on its weights, only on the graph walk and one MLP call.
+The graph network and the per-op predictor (default architectures) are likewise fitted for a
+few steps to synthetic latencies of random network-space graphs.
 
     python benchmarks/graph_cost_speed.py
     python benchmarks/graph_cost_speed.py --predictor runs/cost_models/kernel.pt --rounds 20
@@ -42,8 +45,11 @@ from tabulate import tabulate
 
 import hant
 from hant.cost_models import get
+from hant.cost_models.learned import featurize, train
 from hant.cost_models.learned.kernel_model import KernelCostModel, train_kernels
 from hant.cost_models.learned.kernels import forget_kernels, kernel_macs, sampled_kernels
+from hant.cost_models.learned.predictor import LearnedCostModel
+from hant.cost_models.netspace import build, input_shape, sample_spec
 
 GRAPHS = ("efficientnet_b7", "efficientnet_v2_l")
 
@@ -55,6 +61,17 @@ def kernel_model(path: str | None) -> tuple[object, str]:
     configs = sampled_kernels(400, seed=0)
     latency = np.array([3e-6 + kernel_macs(c) / 2e10 for c in configs])
     return KernelCostModel(train_kernels(configs, latency)), "fitted to synthetic latencies (same architecture)"
+
+
+def node_models() -> dict[str, LearnedCostModel]:
+    """The graph network and the per-op predictor, fitted briefly to synthetic latencies."""
+    graphs = []
+    for seed in range(8):
+        spec = sample_spec(seed)
+        graphs.append(featurize(hant.trace(build(spec).eval(), torch.randn(*input_shape(spec)))))
+    latency = [1e-3 * (1 + g.num_nodes / 100) for g in graphs]
+    return {f"learned {kind}": LearnedCostModel(train(kind, graphs, latency, config={"steps": 20}))
+            for kind in ("gnn", "perop")}
 
 
 def time_call(fn) -> tuple[float, float]:
@@ -74,7 +91,8 @@ def main(argv=None) -> int:
     import torchvision
 
     kernel, origin = kernel_model(args.predictor)
-    models = {"learned kernel": kernel, "roofline:cpu": get("roofline:cpu"), "flops": get("flops")}
+    models = {"learned kernel": kernel, **node_models(), "roofline:cpu": get("roofline:cpu"), "flops": get("flops")}
+    deferred = [label for label in models if label.startswith("learned")]
     rows = []
     load_before = os.getloadavg()[0]
     for name in GRAPHS:
@@ -84,7 +102,8 @@ def main(argv=None) -> int:
             model.graph_cost(base)
         first = {label: [] for label in models}
         repeated = {label: [] for label in models}
-        cold, with_rows = [], []
+        with_rows = {label: [] for label in deferred}
+        cold = []
         for _ in range(args.rounds):
             for label, model in models.items():
                 fresh = copy.deepcopy(base)    # made untimed, one at a time (15 copies of a 118M-parameter
@@ -96,15 +115,16 @@ def main(argv=None) -> int:
                     gc.collect()
                     forget_kernels()
                     cold.append(time_call(lambda: model.graph_cost(fresh)))
+                if label in with_rows:
                     fresh = copy.deepcopy(base)
                     gc.collect()
-                    with_rows.append(time_call(lambda: model.graph_cost(fresh).rows))
+                    with_rows[label].append(time_call(lambda: model.graph_cost(fresh).rows))
                 del fresh
         for label in models:
             f_wall, f_cpu = zip(*first[label])
             r_wall, r_cpu = zip(*repeated[label])
             c_cpu = [c for _, c in cold] if label == "learned kernel" else None
-            w_cpu = [c for _, c in with_rows] if label == "learned kernel" else None
+            w_cpu = [c for _, c in with_rows[label]] if label in with_rows else None
             rows.append([name, len(base.graph.nodes), label,
                          f"{statistics.median(f_cpu):.1f} / {min(f_cpu):.1f}",
                          f"{statistics.median(f_wall):.1f}",
@@ -125,8 +145,9 @@ def main(argv=None) -> int:
         f"{args.rounds} interleaved rounds per graph; each round prices, with every model, a fresh deep copy "
         f"(first call; made untimed just before) and the same graph again (repeated); for the kernel predictor, "
         f"also a fresh copy after forgetting every shared kernel configuration and feature row (never-seen "
-        f"network), and a fresh copy whose report's per-node rows are read after the call (rows read). "
-        f"Kernel predictor: {origin}.",
+        f"network); for the learned models, a fresh copy whose report's per-node rows are read after the call "
+        f"(rows read). Kernel predictor: {origin}; graph network and per-op predictor: default architectures "
+        f"fitted for 20 steps to synthetic latencies of 8 random network-space graphs.",
         "",
         table, ""])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

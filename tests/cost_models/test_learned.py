@@ -140,6 +140,39 @@ def test_learned_model_prices_a_torchvision_network(tmp_path):
                                                               if n.op not in ("placeholder", "output", "get_attr")])
 
 
+
+@pytest.mark.parametrize("kind", ["gnn", "perop"])
+def test_learned_report_rows_are_the_flops_rows_of_the_graph_when_priced(kind):
+    """Rows are built on first read from what the graph was when priced: the flops model's rows (kind,
+    target, shapes, counts) with each node's predicted share; the total is the network's prediction and
+    the rows' counts; the report compares and pickles as a plain one."""
+    import pickle
+
+    from hant.cost_models.base import CostReport
+    from hant.cost_models.learned.predictor import LearnedCostModel
+
+    predictor = train(kind, [_graph(0), _graph(1)], [1e-3, 2e-3], config={"steps": 5})
+    model = LearnedCostModel(predictor)
+    gm = hant.trace(resnet18().eval(), torch.randn(1, 3, 64, 64))
+    flops_rows = get("flops").graph_cost(gm).rows
+    report = model.graph_cost(gm)
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    relu.replace_all_uses_with(relu.args[0])            # edited after pricing, before the rows are read
+    gm.graph.erase_node(relu)
+    gm.recompile()
+    rows = report.rows
+    assert [(r.node, r.kind, r.target, r.input_shapes, r.output_shape) for r in rows] == [
+        (r.node, r.kind, r.target, r.input_shapes, r.output_shape) for r in flops_rows]
+    assert [r.cost.macs for r in rows] == [r.cost.macs for r in flops_rows]
+    assert report.latency_s == pytest.approx(predictor.predict([featurize(hant.trace(resnet18().eval(),
+                                                                                       torch.randn(1, 3, 64, 64)))])[0],
+                                             rel=1e-4)
+    for field in ("macs", "bytes_read", "bytes_written", "params"):
+        assert getattr(report.total, field) == sum(getattr(r.cost, field) for r in rows) > 0
+    plain = CostReport(report.model, list(rows), report.total, list(report.notes))
+    assert report == plain and pickle.loads(pickle.dumps(report)) == plain
+    assert "relu" not in [r.node for r in model.graph_cost(gm).rows]
+
 # ------------------------------------------------------------------ errors
 
 def test_missing_column_raises(slice_table):
