@@ -30,9 +30,10 @@ shared machine the median of a short run includes waiting for a core, the minimu
 
 :class:`KernelPredictor` is saved in the same predictor-file format as the other learned
 models (``kind: "kernel"``) and loads as ``learned:PATH``; :class:`KernelCostModel` is the cost
-model. Its ``graph_cost`` is one pass over the graph (per-node facts cached on the nodes) and one
-batched MLP call for all kernels; the report's rows, built when first read, carry each kernel's
-latency, MACs and bytes on its first node (the kernel's other nodes get 0).
+model. Its ``graph_cost`` is one pass over the graph (:func:`~hant.cost_models.learned.kernels.walk_kernels`;
+per-node facts cached on the nodes) and one batched MLP call for the distinct kernel
+configurations (equal kernels share one); the report's rows, built when first read, carry each
+kernel's latency, MACs and bytes on its first node (the kernel's other nodes get 0).
 """
 
 from __future__ import annotations

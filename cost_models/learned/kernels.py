@@ -18,7 +18,8 @@ whole networks. This module gives the three pieces such a predictor needs:
   kernels (``ReorderInput`` / ``ReorderOutput``), found on the FX graph with the rules of
   onnxruntime's NCHWc transformer (:func:`conv_runs_blocked`), and :func:`isolation_nodes`: the
   nodes a kernel runs only when it is timed alone (its own reorders, an unfused HardSwish);
-  :func:`kernel_network` packs a graph's kernels and reorders for the predictor;
+  :func:`walk_kernels` finds kernels and reorders in the same single pass over the nodes (what a
+  cost model pricing a graph calls), :func:`kernel_network` packs them for the predictor;
 * :func:`kernel_row`: a kernel's feature vector (:data:`KERNEL_FEATURES`): its type, fused
   activation, channels, spatial sizes, kernel, stride, groups, MACs and bytes moved;
 * :func:`sample_kernel` / :func:`build_kernel` / :func:`profile_kernels`: random kernel

@@ -161,9 +161,10 @@ class Predictor:
 class LearnedCostModel(GraphPricedModel):
     """``learned:PATH``: a trained predictor as a cost model.
 
-    ``graph_cost`` featurises the graph and reports each node's share of the predicted
-    latency beside the ``flops`` counts; the total is the network's prediction (node shares
-    plus any constant overhead). ``node_cost`` is a node's share within its own graph (the
+    ``graph_cost`` featurises the graph once and reports each node's share of the predicted
+    latency beside the ``flops`` counts the features were made from; the total is the
+    network's prediction (node shares plus any constant overhead). The rows are built when
+    first read (ranking passes read only totals), from what the graph was when priced. ``node_cost`` is a node's share within its own graph (the
     prediction depends on the node's neighbourhood), computed once per graph and reused
     until the graph changes.
     """
