@@ -36,6 +36,7 @@ Graphs are read only through the op views of :mod:`hant.graphs.ops`, so the trac
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch.nn as nn
 from torch.fx import Node
@@ -201,12 +202,10 @@ def _weights(node: Node) -> tuple[int, int]:
     """(parameters the node owns, bytes of the weights and buffers it reads)."""
     m = module_of(node)
     if m is not None:
-        if m._modules:  # a module with children: its tensors, each shared one once
-            params = list(m.parameters())
-            buffers = [b for b in m.buffers() if b.is_floating_point()]  # not BatchNorm's step counter
-        else:  # a leaf layer (the common case): read its dicts, without parameters()' generator machinery
-            params = _distinct(m._parameters.values())
-            buffers = [b for b in _distinct(m._buffers.values()) if b.is_floating_point()]
+        if not m._modules:
+            return _leaf_weights(m)
+        params = list(m.parameters())  # a module with children: its tensors, each shared one once
+        buffers = [b for b in m.buffers() if b.is_floating_point()]  # not BatchNorm's step counter
         return sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in params + buffers)
     owned = read = 0
     for arg in node.all_input_nodes:
@@ -217,6 +216,14 @@ def _weights(node: Node) -> tuple[int, int]:
         if isinstance(value, nn.Parameter) and next(iter(arg.users)) is node:
             owned += value.numel()
     return owned, read
+
+
+def _leaf_weights(m: nn.Module) -> tuple[int, int]:
+    """:func:`_weights` of a module without children (the common case): read off its dicts, without
+    ``parameters()``' generator machinery; BatchNorm's integer step counter is not a weight."""
+    params = _distinct(m._parameters.values())
+    buffers = [b for b in _distinct(m._buffers.values()) if b.is_floating_point()]
+    return sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in params + buffers)
 
 
 def _distinct(tensors) -> list:
@@ -233,6 +240,47 @@ def _activation_bytes(node: Node) -> int:
     return sum(tensor_bytes(arg) for arg in node.all_input_nodes if arg.op != "get_attr")
 
 
+def _convolution_macs(module: nn.Module, shape) -> int | None:
+    weight = module._parameters.get("weight")
+    return None if weight is None else _numel(shape) * _numel(weight.shape[1:])
+
+
+def _linear_module_macs(module: nn.Module, shape) -> int | None:
+    weight = module._parameters.get("weight")
+    return None if weight is None else _numel(shape) * int(weight.shape[1])
+
+
+def _no_macs(module: nn.Module, shape) -> int:
+    return 0
+
+
+# The commonest leaf layers, priced straight off the module: what the op views give (a
+# convolution's MACs are its output elements times the weight's per-output size, a linear
+# layer's its output elements times its input features; norms, activations and pools have
+# none) without building a view per node. Exact types only (a subclass may compute anything);
+# anything these decline goes the general way. Tests check every entry against the general way.
+_LEAF_MACS: dict[type, Callable[[nn.Module, tuple], int | None]] = {
+    nn.Conv1d: _convolution_macs, nn.Conv2d: _convolution_macs, nn.Conv3d: _convolution_macs,
+    nn.Linear: _linear_module_macs,
+    **{cls: _no_macs for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.ReLU, nn.ReLU6,
+                                 nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.MaxPool2d,
+                                 nn.AvgPool2d, nn.AdaptiveAvgPool2d)},
+}
+
+
+def _leaf_cost(node: Node, module: nn.Module, macs_of: Callable[[nn.Module, tuple], int | None]) -> Cost | None:
+    """The cost of a ``call_module`` node of a :data:`_LEAF_MACS` layer, or None to go the general way."""
+    meta = tensor_meta(node)
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if shape is None or dtype is None or module._modules:
+        return None
+    macs = macs_of(module, shape)
+    if macs is None:
+        return None
+    params, weight_bytes = _leaf_weights(module)
+    return Cost(0.0, macs, _activation_bytes(node) + weight_bytes, _numel(shape) * dtype.itemsize, params)
+
+
 class FlopsModel(NodeSumCostModel):
     """MACs, params and bytes per node; latency 0. Spec ``"flops"``.
 
@@ -245,6 +293,12 @@ class FlopsModel(NodeSumCostModel):
     def node_cost(self, node: Node) -> Cost:
         if node.op in ("placeholder", "output", "get_attr"):
             return Cost()
+        if node.op == "call_module":
+            module = module_of(node)
+            macs_of = _LEAF_MACS.get(type(module))
+            cost = _leaf_cost(node, module, macs_of) if macs_of is not None else None
+            if cost is not None:
+                return cost
         params, weight_bytes = _weights(node)
         written = _metas(tensor_meta(node))
         kind = op_kind(node)

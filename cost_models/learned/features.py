@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from hant.errors import CostModelError
 from hant.graphs.ops import (
-    activation_of, conv_of, linear_of, mul_of, op_kind, output_shape, pool_of, tensor_meta,
+    activation_of, conv_of, linear_of, module_of, mul_of, op_kind, output_shape, pool_of, tensor_meta,
 )
 
 __all__ = ["KINDS", "FEATURE_NAMES", "FEATURE_VERSION", "GraphFeatures", "local_features", "local_features_and_counts",
@@ -77,8 +78,34 @@ class GraphFeatures:
         return GraphFeatures(self.x[order], inverse[self.edges], names)
 
 
+_LOGS: dict = {}
+
+
 def _log(v: float) -> float:
-    return math.log1p(max(float(v), 0.0))
+    """``log(1 + max(v, 0))``, remembered per value: a graph's shapes and counts repeat."""
+    out = _LOGS.get(v)
+    if out is None:
+        if len(_LOGS) > 100_000:
+            _LOGS.clear()
+        out = _LOGS[v] = math.log1p(max(float(v), 0.0))
+    return out
+
+
+_PLAIN_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_columns(node: Node) -> tuple[float, float, int, bool, bool]:
+    """(kernel area, largest stride, groups, depthwise, has a bias) of a convolution node: read off an
+    ``nn.Conv1d/2d/3d`` module directly (what its op view says, without building the view), else
+    from :func:`~hant.graphs.ops.conv_of`."""
+    module = module_of(node)
+    weight = module._parameters.get("weight") if type(module) in _PLAIN_CONVOLUTIONS else None
+    if weight is not None:
+        shape, groups = weight.shape, module.groups
+        return (float(math.prod(shape[2:])), float(max(module.stride)), groups,
+                groups > 1 and groups == shape[1] * groups, module._parameters.get("bias") is not None)
+    view = conv_of(node)
+    return float(math.prod(view.kernel_size)), float(max(view.stride)), view.groups, view.is_depthwise, view.has_bias
 
 
 def _counter():
@@ -158,12 +185,10 @@ def local_features_and_counts(gm: GraphModule) -> tuple[np.ndarray, list[list[in
         row[_C_STRIDE] = 1.0
         row[_C_KERNEL] = 1.0
         if kind == "conv":
-            view = conv_of(node)
-            row[_C_KERNEL] = float(math.prod(view.kernel_size))
-            row[_C_STRIDE] = float(max(view.stride))
-            row[_C_GROUPS] = _log(view.groups)
-            row[_C_DEPTHWISE] = float(view.is_depthwise)
-            if view.has_bias:
+            row[_C_KERNEL], row[_C_STRIDE], groups, depthwise, has_bias = _conv_columns(node)
+            row[_C_GROUPS] = _log(groups)
+            row[_C_DEPTHWISE] = float(depthwise)
+            if has_bias:
                 row[_C_ZERO] = -1.0  # a bias maps zero to non-zero
         elif kind == "linear":
             if linear_of(node).has_bias:

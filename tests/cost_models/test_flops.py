@@ -99,6 +99,56 @@ def test_traced_and_exported_forms_count_the_same(zoo, flops, name):
     assert by_kind(traced) == by_kind(exported) and set(by_kind(traced)) == {"conv", "linear"}
 
 
+class _LeafLayers(nn.Module):
+    """Every layer type the flops model reads directly, in the shapes the general way must agree on:
+    1d/2d/3d, grouped and bias-free convolutions, a transposed one (not read directly), norms, pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.c3 = nn.Conv3d(1, 2, 3, padding=1)
+        self.bn1, self.bn3, self.ln = nn.BatchNorm1d(6), nn.BatchNorm3d(2), nn.LayerNorm(8)
+        self.acts = nn.ModuleList([nn.ReLU(), nn.ReLU6(), nn.SiLU(), nn.Sigmoid(), nn.Hardswish(), nn.Hardsigmoid(),
+                                   nn.GELU(), nn.Tanh()])
+        self.pools = nn.ModuleList([nn.MaxPool2d(2), nn.AvgPool2d(3, stride=1, padding=1), nn.AdaptiveAvgPool2d(1)])
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.bn1(self.c1(x.flatten(2)[:, :, :16]))
+        y = self.dw(self.c2(x))
+        for act in self.acts:
+            y = act(y)
+        for pool in self.pools:
+            y = pool(y)
+        z = self.bn3(self.c3(x[:, :1].unsqueeze(1)))
+        return self.fc(self.ln(y.flatten(1))), a, z, self.up(self.dw(self.c2(x)))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "vit_b_16", "leaf_layers"])
+def test_layers_read_directly_agree_with_the_general_way(zoo, flops, monkeypatch, name):
+    """The commonest leaf layers are priced straight off their modules; every node must cost what the
+    op views and the general path say."""
+    import hant.cost_models.flops as flops_module
+
+    if name == "leaf_layers":
+        gm = hant.trace(_LeafLayers().eval(), torch.randn(2, 4, 8, 8))
+    else:
+        gm = zoo.graph(name, "symbolic")
+    direct = [flops.node_cost(n) for n in gm.graph.nodes]
+    read_directly = {type(m) for n in gm.graph.nodes if n.op == "call_module"
+                     for m in [gm.get_submodule(n.target)] if type(m) in flops_module._LEAF_MACS}
+    monkeypatch.setattr(flops_module, "_LEAF_MACS", {})
+    assert direct == [flops.node_cost(n) for n in gm.graph.nodes]
+    assert read_directly & {nn.Conv2d, nn.Linear}
+    if name == "leaf_layers":
+        assert read_directly == {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm3d, nn.LayerNorm,
+                                 nn.Linear, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
+                                 nn.GELU, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d}
+
+
 def test_resnet50_at_224_is_about_4_1_gmacs(flops):
     """The figure every paper quotes for ResNet-50 (4.1 GMACs, "4.1 GFLOPs" in MAC units)."""
     gm = hant.trace(models.resnet50().eval(), torch.randn(1, 3, 224, 224))

@@ -173,6 +173,21 @@ def test_learned_report_rows_are_the_flops_rows_of_the_graph_when_priced(kind):
     assert report == plain and pickle.loads(pickle.dumps(report)) == plain
     assert "relu" not in [r.node for r in model.graph_cost(gm).rows]
 
+def test_convolution_columns_read_off_the_module_agree_with_the_conv_view(monkeypatch):
+    """Features read a plain convolution's kernel, stride, groups and bias off its module; the rows must
+    equal those built from the op view (dense, grouped, depthwise and bias-free convolutions)."""
+    import hant.cost_models.learned.features as features
+    from torchvision.models import mobilenet_v3_small, regnet_y_400mf
+
+    for model in (resnet18(), mobilenet_v3_small(), regnet_y_400mf()):
+        gm = hant.trace(model.eval(), torch.randn(1, 3, 64, 64))
+        direct = featurize(gm)
+        with monkeypatch.context() as patch:
+            patch.setattr(features, "_PLAIN_CONVOLUTIONS", ())
+            viewed = featurize(gm)
+        assert np.array_equal(direct.x, viewed.x) and np.array_equal(direct.edges, viewed.edges)
+
+
 # ------------------------------------------------------------------ errors
 
 def test_missing_column_raises(slice_table):
