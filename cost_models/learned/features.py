@@ -262,13 +262,13 @@ def featurize(gm: GraphModule) -> GraphFeatures:
     return featurize_with_counts(gm)[0]
 
 
-def featurize_with_counts(gm: GraphModule) -> tuple[GraphFeatures, list]:
-    """:func:`featurize`, and each row's ``flops`` cost (see :func:`local_features_and_counts`)."""
+def featurize_with_counts(gm: GraphModule) -> tuple[GraphFeatures, list[Node], list]:
+    """:func:`featurize`, each row's node and each row's ``flops`` cost (see :func:`local_features_and_counts`)."""
     x, producers, nodes, counts = local_features_and_counts(gm)
     index = {n: i for i, n in enumerate(nodes)}
     outputs = [index[a] for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes if a in index]
     edges = finish(x, producers, outputs)
-    return GraphFeatures(x, edges, tuple(n.name for n in nodes)), counts
+    return GraphFeatures(x, edges, tuple(n.name for n in nodes)), nodes, counts
 
 
 def batch_graphs(graphs: list[GraphFeatures]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -361,7 +361,7 @@ class KernelCostModel(GraphPricedModel):
             walk = walk_kernels(gm)
         kernels, reorders = walk.kernels, walk.reorders
         # equal kernels share one configuration object: each distinct one is featurised and predicted once
-        distinct, index = _distinct([k.config for k in kernels])
+        distinct, index = _distinct_configs([k.config for k in kernels])
         seconds = self.predictor.kernel_seconds(kernel_rows(distinct))[index]
         shares = self.predictor.kernel_shares(seconds, kernel_extras(distinct)[index])
         reorder_s = self.predictor.reorder_seconds([r.elements for r in reorders])
@@ -397,7 +397,7 @@ class KernelCostModel(GraphPricedModel):
         return CostReport.deferred(self.name, make_rows, Cost(total, macs, 4 * read, 4 * written, params), notes)
 
 
-def _distinct(configs: list[dict]) -> tuple[list[dict], np.ndarray]:
+def _distinct_configs(configs: list[dict]) -> tuple[list[dict], np.ndarray]:
     """The distinct configuration objects among ``configs`` (by identity) and each one's position among them."""
     position: dict[int, int] = {}
     distinct: list[dict] = []

@@ -164,9 +164,9 @@ class LearnedCostModel(GraphPricedModel):
     ``graph_cost`` featurises the graph once and reports each node's share of the predicted
     latency beside the ``flops`` counts the features were made from; the total is the
     network's prediction (node shares plus any constant overhead). The rows are built when
-    first read (ranking passes read only totals), from what the graph was when priced. ``node_cost`` is a node's share within its own graph (the
-    prediction depends on the node's neighbourhood), computed once per graph and reused
-    until the graph changes.
+    first read (ranking passes read only totals), from what the graph was when priced.
+    ``node_cost`` is a node's share within its own graph (the prediction depends on the
+    node's neighbourhood), computed once per graph and reused until the graph changes.
     """
 
     def __init__(self, predictor: Predictor, name: str = "learned"):
@@ -176,11 +176,10 @@ class LearnedCostModel(GraphPricedModel):
 
     def graph_cost(self, gm) -> CostReport:
         with collector_paused(), graph_unchanged():   # a read-only walk: each node is classified once
-            graph, counts = featurize_with_counts(gm)
+            graph, nodes, counts = featurize_with_counts(gm)
             # what the rows need, fixed now (the graph may change before they are read), naming no node
             facts = []
-            rows_of = (n for n in gm.graph.nodes if n.op not in ("output", "get_attr"))   # featurize's rows
-            for node, cost in zip(rows_of, counts):
+            for node, cost in zip(nodes, counts):
                 if node.op == "placeholder":
                     continue
                 if cost is None:                       # a node without shapes: its parameters only
