@@ -74,11 +74,19 @@ def node_models() -> dict[str, LearnedCostModel]:
             for kind in ("gnn", "perop")}
 
 
-def time_call(fn) -> tuple[float, float]:
-    """(wall, CPU) milliseconds of one call."""
+def time_call(fn, *args) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one call ``fn(*args)``."""
     start, start_cpu = time.perf_counter(), time.thread_time()
-    fn()
+    fn(*args)
     return (time.perf_counter() - start) * 1e3, (time.thread_time() - start_cpu) * 1e3
+
+
+def fresh_copy(gm):
+    """A deep copy of ``gm`` made untimed just before its call, after a collection: copies are made one at a
+    time (15 copies of a 118M-parameter network held at once slow every call down by paging)."""
+    copied = copy.deepcopy(gm)
+    gc.collect()
+    return copied
 
 
 def main(argv=None) -> int:
@@ -106,20 +114,14 @@ def main(argv=None) -> int:
         cold = []
         for _ in range(args.rounds):
             for label, model in models.items():
-                fresh = copy.deepcopy(base)    # made untimed, one at a time (15 copies of a 118M-parameter
-                gc.collect()                   # network held at once slow every call down by paging)
-                first[label].append(time_call(lambda: model.graph_cost(fresh)))
-                repeated[label].append(time_call(lambda: model.graph_cost(base)))
+                first[label].append(time_call(model.graph_cost, fresh_copy(base)))
+                repeated[label].append(time_call(model.graph_cost, base))
                 if model is kernel:            # a network never seen: no shared kernel configuration either
-                    fresh = copy.deepcopy(base)
-                    gc.collect()
+                    unseen = fresh_copy(base)
                     forget_kernels()
-                    cold.append(time_call(lambda: model.graph_cost(fresh)))
+                    cold.append(time_call(model.graph_cost, unseen))
                 if label in with_rows:
-                    fresh = copy.deepcopy(base)
-                    gc.collect()
-                    with_rows[label].append(time_call(lambda: model.graph_cost(fresh).rows))
-                del fresh
+                    with_rows[label].append(time_call(lambda gm: model.graph_cost(gm).rows, fresh_copy(base)))
         for label in models:
             f_wall, f_cpu = zip(*first[label])
             r_wall, r_cpu = zip(*repeated[label])
